@@ -1,0 +1,75 @@
+"""Offline fixtures: a tiny DistilBERT with a small WordPiece vocab, and IMDB-shaped data built in tmp folders."""
+
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in the suite may touch the network
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-")  # no cache shared between runs
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+
+POSITIVE = ["great", "wonderful", "excellent", "fantastic", "loved", "brilliant"]
+NEGATIVE = ["awful", "terrible", "boring", "dull", "hated", "worst"]
+FILLER = ["the", "movie", "film", "was", "a", "plot", "acting", "story", "this", "it", "and", "really", "i"]
+
+
+def make_reviews(n: int, seed: int) -> list[tuple[str, int]]:
+    """n short reviews, half positive, each carrying one or two sentiment words among filler."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.choices(FILLER, k=rng.randint(2, 8)) + rng.choices(POSITIVE if label else NEGATIVE, k=rng.randint(1, 2))
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def sorted_by_label(rows: list[tuple[str, int]]) -> pd.DataFrame:
+    """IMDB's splits hold all negatives first, then all positives."""
+    return pd.DataFrame(sorted(rows, key=lambda r: r[1]), columns=["text", "label"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A randomly initialised 2-layer DistilBERT with a 40-word vocab, set up so LoRA can learn quickly."""
+    from transformers import DistilBertConfig, DistilBertModel, DistilBertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-distilbert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *POSITIVE, *NEGATIVE, *FILLER, "!", ".", ","]
+    tokenizer = DistilBertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)})
+    assert tokenizer.unk_token_id not in tokenizer("the movie was great")["input_ids"]  # the vocab is in use
+    tokenizer.save_pretrained(folder)
+    config = DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                              max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+                              seq_classif_dropout=0.0, initializer_range=0.3)  # dropout 0: learns in seconds
+    import torch
+    torch.manual_seed(0)
+    DistilBertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def imdb_folder(tmp_path_factory) -> str:
+    """A local folder in the hub IMDB layout: plain_text/{train,test,unsupervised}-*.parquet, sorted by label."""
+    folder = tmp_path_factory.mktemp("imdb") / "plain_text"
+    folder.mkdir()
+    sorted_by_label(make_reviews(600, seed=1)).to_parquet(folder / "train-00000-of-00001.parquet")
+    sorted_by_label(make_reviews(200, seed=2)).to_parquet(folder / "test-00000-of-00001.parquet")
+    unsup = pd.DataFrame({"text": [t for t, _ in make_reviews(40, seed=3)], "label": -1})
+    unsup.to_parquet(folder / "unsupervised-00000-of-00001.parquet")
+    return str(folder.parent)
+
+
+@pytest.fixture
+def run_args(tiny_model, imdb_folder, tmp_path) -> list[str]:
+    """Flags for a fast, complete run on the tiny model and IMDB-shaped data."""
+    return ["--model-name", tiny_model, "--dataset-name", imdb_folder, "--output-dir", str(tmp_path / "out"),
+            "--train-samples", "0", "--eval-samples", "0", "--max-length", "32", "--epochs", "3",
+            "--batch-size", "16", "--learning-rate", "0.01", "--lora-dropout", "0", "--warmup", "0"]
