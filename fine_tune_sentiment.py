@@ -10,6 +10,8 @@ accuracy, F1, loss and the confusion matrix, prints sample predictions and saves
     cat reviews.txt | python fine_tune_sentiment.py --predict -          # one review per line
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import logging
@@ -21,23 +23,15 @@ import socket
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import numpy as np
-import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, load_dataset, load_from_disk
-from peft import AutoPeftModelForSequenceClassification, LoraConfig, TaskType, get_peft_model
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    PrinterCallback,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
-)
-from transformers.trainer_utils import get_last_checkpoint
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+# torch, transformers, datasets and peft take ~6 s to import, so each stage imports what it uses:
+# importing this file, --help and a bad flag stay instant.
 
 # model and data
 MODEL_NAME: str = "distilbert-base-uncased"  # hub id, or a local folder with config, safetensors weights and tokenizer
@@ -91,14 +85,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]
     """Build one flag per setting (from the constants block) and return (settings, run options)."""
     comments = dict(re.findall(r"^([A-Z_]+):.*?#\s*(.+)$", Path(__file__).read_text(), re.M))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s [--SETTING VALUE ...] [--predict TEXT ...] (see --help)",
                                      allow_abbrev=False)
     for name in SETTINGS:
-        kind, default = __annotations__[name], globals()[name]
+        kind, default = str(__annotations__[name]), globals()[name]  # the annotation is text, e.g. "int | None"
         flag = "--" + name.lower().replace("_", "-")
         helptext = f"{comments.get(name, '')} (default: {default!r})".replace("%", "%%")
-        if kind is bool:
+        if kind == "bool":
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=helptext)
-        elif str(kind).startswith("list"):
+        elif kind.startswith("list"):
             parser.add_argument(flag, dest=name, nargs="+", default=default, metavar="TEXT", help=helptext)
         else:
             parser.add_argument(flag, dest=name, type=value_parser(name, kind), default=default, help=helptext)
@@ -111,12 +106,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]
     return {name: getattr(args, name) for name in SETTINGS}, args
 
 
-def value_parser(name: str, kind) -> callable:
+def value_parser(name: str, kind: str) -> callable:
     """Return an argparse type that checks a flag value against the setting's type and range."""
-    base = int if "int" in str(kind) else float if "float" in str(kind) else str
+    base = int if "int" in kind else float if "float" in kind else str
 
     def parse(text: str):
-        if "None" in str(kind) and text.lower() in ("none", "auto"):
+        if "None" in kind and text.lower() in ("none", "auto"):
             return None
         try:
             value = base(text)
@@ -166,6 +161,8 @@ def check_source(name: str, what: str) -> None:
 
 def load_raw_data(dataset_name: str) -> DatasetDict:
     """Load a hub dataset, a local dataset folder, one data file, or the Stanford aclImdb/ folder."""
+    from datasets import load_dataset, load_from_disk
+
     check_source(dataset_name, "dataset")
     path = Path(dataset_name).expanduser()
     try:
@@ -184,6 +181,8 @@ def load_raw_data(dataset_name: str) -> DatasetDict:
 
 def load_aclimdb(path: Path) -> DatasetDict:
     """Read the original aclImdb/ folder (split/pos/*.txt, split/neg/*.txt); unsup/ is never read."""
+    from datasets import Dataset, DatasetDict
+
     splits = {}
     for split in ("train", "test"):
         texts, labels = [], []
@@ -198,6 +197,8 @@ def load_aclimdb(path: Path) -> DatasetDict:
 
 def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: int) -> DatasetDict:
     """Keep train and test (carving a seeded test split if there is none), with clean text and 0/1 labels."""
+    from datasets import ClassLabel, DatasetDict, Features
+
     if "train" not in raw:
         raise InputError(f"the dataset has no 'train' split; it has: {', '.join(raw) or 'none'}")
     eval_split = next((s for s in ("test", "validation") if s in raw), None)
@@ -232,6 +233,8 @@ def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: in
 
 def build_label_map(data: DatasetDict, label_column: str) -> dict:
     """Map each raw label value to 0, 1 or None (unlabelled, dropped); refuse anything else."""
+    from datasets import ClassLabel
+
     feature = data["train"].features["labels"]
     values = {v for split in data.values() for v in split.unique("labels")}
     label_map, unknown = {}, []
@@ -264,6 +267,8 @@ def subsample(data: Dataset, n: int, seed: int, split: str) -> Dataset:
 
 def load_tokenizer(model_name: str, max_length: int, model_limit: int | None):
     """Load the tokenizer and clamp MAX_LENGTH to what the model and tokenizer can take."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model_name)
     tokenizer_limit = tokenizer.model_max_length if tokenizer.model_max_length < 1e6 else None
     limit = min(x for x in (tokenizer_limit, model_limit, max_length) if x)
@@ -286,6 +291,9 @@ def tokenize(data: DatasetDict, tokenizer) -> DatasetDict:
 def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, lora_alpha: int,
                 lora_dropout: float):
     """Load the pretrained encoder with a 2-class head and wrap it in LoRA; the head trains fully."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
     model = AutoModelForSequenceClassification.from_pretrained(
         model_name, num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID, use_safetensors=True)
     model_type = model.config.model_type
@@ -305,29 +313,33 @@ def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, 
     return model
 
 
-class SaveOnInterrupt(TrainerCallback):
-    """Turn Ctrl-C or SIGTERM into 'save a checkpoint, then stop' at the next step (Trainer wants a class)."""
+def interrupt_callback():
+    """A Trainer callback that turns Ctrl-C or SIGTERM into 'save a checkpoint, then stop' at the next step."""
+    from transformers import TrainerCallback
 
-    def __init__(self):
-        self.interrupted, self.previous = False, {}
+    class SaveOnInterrupt(TrainerCallback):  # the Trainer only takes callbacks as TrainerCallback subclasses
+        def __init__(self):
+            self.interrupted, self.previous = False, {}
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self.handle)
+        def on_train_begin(self, args, state, control, **kwargs):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
 
-    def handle(self, signum, frame):
-        if self.interrupted:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.interrupted = True
-        log.warning("\nInterrupted: saving a checkpoint after this step (press Ctrl-C again to quit now)")
+        def handle(self, signum, frame):
+            if self.interrupted:  # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            self.interrupted = True
+            log.warning("\nInterrupted: saving a checkpoint after this step (press Ctrl-C again to quit now)")
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.interrupted:
-            control.should_save = control.should_training_stop = True
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.interrupted:
+                control.should_save = control.should_training_stop = True
 
-    def on_train_end(self, args, state, control, **kwargs):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        def on_train_end(self, args, state, control, **kwargs):
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+
+    return SaveOnInterrupt()
 
 
 def compute_metrics(eval_pred) -> dict:
@@ -343,6 +355,10 @@ def compute_metrics(eval_pred) -> dict:
 
 def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, fresh: bool, quiet: bool):
     """Train with the Trainer, resuming from the last checkpoint in OUTPUT_DIR unless --fresh."""
+    import torch
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
     checkpoints = Path(config["OUTPUT_DIR"]) / "checkpoints"
     run_file = checkpoints / "run_config.json"
     if fresh and checkpoints.exists():
@@ -380,7 +396,7 @@ def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, fres
         report_to="none",
         disable_tqdm=quiet,
     )
-    interrupt = SaveOnInterrupt()
+    interrupt = interrupt_callback()
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"].sort("length"),
                       data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if has_gpu else None),
                       processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[interrupt])
@@ -408,6 +424,8 @@ def evaluate(trainer) -> dict:
 
 def predict(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[tuple[str, float]]:
     """Classify texts (longest first, in batches) and return (label, probability) in input order."""
+    import torch
+
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
@@ -448,12 +466,17 @@ def read_stdin_reviews() -> list[str]:
 
 def load_adapter(adapter_dir: Path):
     """Load a saved adapter (with its head and tokenizer) for inference."""
+    import torch
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
     if not (adapter_dir / "adapter_config.json").exists():
         raise InputError(f"no saved adapter in {adapter_dir}; train first (python fine_tune_sentiment.py) "
                          f"or point --output-dir at a finished run")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        model = AutoPeftModelForSequenceClassification.from_pretrained(str(adapter_dir), use_safetensors=True)
+        model = AutoPeftModelForSequenceClassification.from_pretrained(  # the base's config lacks our label names
+            str(adapter_dir), use_safetensors=True, id2label=ID2LABEL, label2id=LABEL2ID)
     except OSError as error:  # e.g. the base model is a hub id and the hub is out of reach
         raise InputError(f"could not load the adapter in {adapter_dir}: {one_line(error)}") from error
     return model.to(device), AutoTokenizer.from_pretrained(str(adapter_dir))
@@ -555,6 +578,7 @@ def setup_logging(quiet: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # avoids the fork warning from the tokenizers crate
     for noise in (".*is_gradient_checkpointing.*", ".*null_placement.*"):  # from peft and pyarrow internals
         warnings.filterwarnings("ignore", message=noise, category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator.*")  # the Trainer's default, on CPU
 
 
 def run_predict(config: dict, texts: list[str]) -> None:
@@ -566,6 +590,9 @@ def run_predict(config: dict, texts: list[str]) -> None:
 
 def run_training(config: dict, args: argparse.Namespace) -> dict:
     """Load data and model, train, evaluate, save and print; return the metrics."""
+    import torch
+    from transformers import set_seed
+
     has_gpu = torch.cuda.is_available()
     preset = apply_preset(config, has_gpu)
     log.info(f"Preset: {preset} ({'CUDA: ' + torch.cuda.get_device_name() if has_gpu else 'no GPU found'}); "

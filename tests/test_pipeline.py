@@ -1,0 +1,194 @@
+"""End-to-end runs through main() on the tiny DistilBERT and IMDB-shaped data, plus reuse of the outputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import fine_tune_sentiment as fts
+from conftest import make_reviews
+
+SCRIPT = str(Path(fts.__file__))
+REVIEWS = ["the movie was great and wonderful", "awful boring plot , the worst", ""]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, imdb_folder, tmp_path_factory) -> dict:
+    """One full run (4 epochs, --merge) shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    args = ["--model-name", tiny_model, "--dataset-name", imdb_folder, "--output-dir", str(out),
+            "--train-samples", "0", "--eval-samples", "0", "--max-length", "32", "--epochs", "4",
+            "--batch-size", "16", "--learning-rate", "0.01", "--lora-dropout", "0", "--warmup", "0", "--merge"]
+    fts.setup_logging(quiet=True)
+    from transformers import set_seed
+    set_seed(42)  # the same seed main() uses, so this is the model main() starts from
+    untrained = fts.build_model(tiny_model, None, 8, 16, 0.0)
+    tokenizer = fts.load_tokenizer(tiny_model, 32, None)
+    test = pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*")))
+    guesses = fts.predict(untrained, tokenizer, list(test.text))
+    untrained_accuracy = sum((label == "POSITIVE") == bool(y) for (label, _), y in zip(guesses, test.label)) / len(test)
+    assert fts.main(args) == 0
+    return {"out": out, "metrics": json.loads((out / "metrics.json").read_text()), "args": args,
+            "untrained_accuracy": untrained_accuracy}
+
+
+def test_metrics_json_has_every_field_and_both_classes(trained):
+    metrics = trained["metrics"]
+    for key in ("eval_accuracy", "eval_loss", "eval_f1", "eval_precision", "eval_recall", "confusion_matrix",
+                "train_samples", "eval_samples", "train_seconds", "train_samples_per_second",
+                "eval_samples_per_second", "trainable_params", "device", "config"):
+        assert key in metrics, key
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+    assert tn + fp > 0 and fn + tp > 0  # both classes were evaluated
+    assert tn + fp + fn + tp == metrics["eval_samples"] == 200  # the whole test split, no unsupervised rows
+    assert metrics["train_samples"] == 600  # train only: the 40 unsupervised (-1) rows are not used
+    assert metrics["config"]["EPOCHS"] == 4 and metrics["device"] == "cpu"
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+
+
+def test_learns_a_separable_task(trained):
+    accuracy = trained["metrics"]["eval_accuracy"]
+    assert accuracy >= 0.9
+    assert accuracy > trained["untrained_accuracy"] + 0.2
+
+
+def test_adapter_reloads_with_identical_logits(trained):
+    model, tokenizer = fts.load_adapter(trained["out"] / "adapter")
+    merged = __import__("transformers").AutoModelForSequenceClassification.from_pretrained(trained["out"] / "merged")
+    encoded = tokenizer(REVIEWS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        first, again = model(**encoded).logits, fts.load_adapter(trained["out"] / "adapter")[0](**encoded).logits
+        plain = merged.eval()(**encoded).logits
+    assert torch.equal(first, again)
+    assert torch.allclose(first, plain, atol=1e-5)  # --merge folds LoRA in without changing the outputs
+    assert "peft" not in type(merged).__module__
+
+
+def test_adapter_holds_the_head_and_tokenizer(trained):
+    from safetensors.torch import load_file
+
+    adapter = trained["out"] / "adapter"
+    keys = load_file(adapter / "adapter_model.safetensors").keys()
+    assert any("pre_classifier" in k for k in keys) and any(".classifier" in k for k in keys)
+    assert any("lora_A" in k for k in keys)
+    assert (adapter / "tokenizer.json").exists() or (adapter / "vocab.txt").exists()
+
+
+def test_pipeline_runs_on_the_adapter_and_the_merged_model(trained):
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer, pipeline
+
+    adapter, labels = str(trained["out"] / "adapter"), {"id2label": fts.ID2LABEL, "label2id": fts.LABEL2ID}
+    model = AutoPeftModelForSequenceClassification.from_pretrained(adapter, **labels)  # as in the README
+    from_peft = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained(adapter))
+    from_folder = pipeline("text-classification", model=adapter, model_kwargs=labels)
+    from_merged = pipeline("text-classification", model=str(trained["out"] / "merged"))
+    ours = fts.predict(*fts.load_adapter(trained["out"] / "adapter"), REVIEWS[:2])
+    for classify in (from_peft, from_folder, from_merged):
+        results = classify(REVIEWS[:2])
+        assert [r["label"] for r in results] == [label for label, _ in ours] == ["POSITIVE", "NEGATIVE"]
+        assert [round(r["score"], 4) for r in results] == [round(score, 4) for _, score in ours]
+
+
+def test_plot_is_written(trained):
+    png = trained["out"] / "training.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert any("eval_accuracy" in h for h in trained["metrics"]["history"])
+
+
+def test_checkpoints_are_removed_after_a_finished_run(trained):
+    assert not (trained["out"] / "checkpoints").exists()
+    assert not list(trained["out"].glob("*.tmp")) and not list(trained["out"].glob("*.old"))
+
+
+def test_predict_in_a_subprocess(trained):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    lines = "the movie was great , loved it\r\n\r\n\xff\xfe binary\n" + "wonderful " * 20000 + "\nawful 😡 ужасно 最悪\n"
+    result = subprocess.run([sys.executable, SCRIPT, "--output-dir", str(trained["out"]), "--predict", "-"],
+                            input=lines.encode("utf-8").replace("\xff\xfe".encode(), b"\xff\xfe"),
+                            capture_output=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode().splitlines()
+    predictions = [line for line in out if line.startswith("Prediction: ")]
+    assert len(predictions) == 3  # blank line skipped, invalid UTF-8 line skipped with a warning
+    assert predictions[0].startswith("Prediction: POSITIVE (") and predictions[2].startswith("Prediction: NEGATIVE (")
+    assert "line 3: not valid UTF-8" in result.stderr.decode()
+    assert out[0] == 'Review: "the movie was great , loved it"'
+
+
+def test_predict_arguments_empty_and_non_latin(trained, capsys):
+    assert fts.main(["--output-dir", str(trained["out"]), "--predict", "", "great 🎬 映画"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == 'Review: ""' and lines[1].startswith("Prediction: ")
+    assert lines[3].startswith("Prediction: POSITIVE (")
+
+
+def test_unknown_flag_is_refused():
+    result = subprocess.run([sys.executable, SCRIPT, "--no-such-flag", "1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "unrecognized arguments: --no-such-flag" in result.stderr
+
+
+def test_help_lists_every_constant_with_default_and_comment(capsys):
+    with pytest.raises(SystemExit):
+        fts.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name in fts.SETTINGS:
+        assert "--" + name.lower().replace("_", "-") in text
+    assert "rank of the low-rank update; 4-16 is typical (default: 8)" in text
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--epochs", "abc", "expected int"), ("--learning-rate", "-1", "non-negative"), ("--batch-size", "0", "greater than 0"),
+    ("--lora-dropout", "1.5", "below 1"), ("--learning-rate", "nan", "non-negative")])
+def test_bad_flag_values_are_refused(flag, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        fts.main([flag, value])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cpu_preset_fills_only_unset_values():
+    config = {name: getattr(fts, name) for name in fts.SETTINGS} | {"EPOCHS": 7}
+    assert fts.apply_preset(config, has_gpu=False) == "cpu"
+    assert config["EPOCHS"] == 7 and config["TRAIN_SAMPLES"] == fts.PRESETS["cpu"]["TRAIN_SAMPLES"]
+    config = {name: getattr(fts, name) for name in fts.SETTINGS}
+    fts.apply_preset(config, has_gpu=True)
+    assert config["TRAIN_SAMPLES"] == 0 and config["MAX_LENGTH"] == 512  # full IMDB on a GPU
+
+
+def test_aclimdb_folder_layout(tmp_path, run_args, capsys):
+    root = tmp_path / "aclImdb"
+    for split, n in (("train", 40), ("test", 20)):
+        for i, (text, label) in enumerate(make_reviews(n, seed=5)):
+            folder = root / split / ("pos" if label else "neg")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i}_{7 if label else 2}.txt").write_text(text + "<br /><br />")
+    (root / "train" / "unsup").mkdir()
+    (root / "train" / "unsup" / "0_0.txt").write_text("never read")
+    args = run_args + ["--dataset-name", str(root), "--epochs", "1"]
+    assert fts.main(args) == 0
+    metrics = json.loads((Path(args[args.index("--output-dir") + 1]) / "metrics.json").read_text())
+    assert metrics["train_samples"] == 40 and metrics["eval_samples"] == 20
+
+
+def test_single_csv_with_string_labels_gets_a_stratified_split(tmp_path, run_args):
+    rows = [(text, ["negative", "positive"][label]) for text, label in make_reviews(100, seed=6)]
+    pd.DataFrame(rows, columns=["review", "sentiment"]).to_csv(tmp_path / "reviews.csv", index=False)
+    args = run_args + ["--dataset-name", str(tmp_path / "reviews.csv"), "--text-column", "review",
+                       "--label-column", "sentiment", "--epochs", "1"]
+    assert fts.main(args) == 0
+    metrics = json.loads((Path(args[args.index("--output-dir") + 1]) / "metrics.json").read_text())
+    assert metrics["train_samples"] == 80 and metrics["eval_samples"] == 20
+    (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+    assert tn + fp == fn + tp == 10  # stratified: both classes, equally
+
+
+def test_subsets_hold_both_labels_although_imdb_is_sorted(imdb_folder):
+    data = fts.prepare_data(fts.load_raw_data(imdb_folder), "text", "label", seed=42)
+    subset = fts.subsample(data["train"], 20, seed=42, split="train")
+    assert set(subset["labels"]) == {0, 1}
+    assert list(data["train"]["labels"][:20]) == [0] * 20  # the source really is sorted
