@@ -342,15 +342,18 @@ def interrupt_callback():
     return SaveOnInterrupt()
 
 
-def compute_metrics(eval_pred) -> dict:
-    """Accuracy, F1, precision and recall of the positive class, offline (scikit-learn, no hub)."""
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray) -> list[list[int]]:
+    """[[tn, fp], [fn, tp]] for the 0/1 labels."""
+    return [[int(np.sum((labels == true) & (predictions == guess))) for guess in (0, 1)] for true in (0, 1)]
 
+
+def compute_metrics(eval_pred) -> dict:
+    """Accuracy, and F1, precision and recall of POSITIVE, from the confusion matrix: no hub, no extra package."""
     logits, labels = eval_pred
-    predictions = np.argmax(logits, axis=-1)
-    precision, recall, f1, _ = precision_recall_fscore_support(labels, predictions, average="binary",
-                                                               zero_division=0)
-    return {"accuracy": accuracy_score(labels, predictions), "f1": f1, "precision": precision, "recall": recall}
+    (tn, fp), (fn, tp) = confusion_matrix(labels, np.argmax(logits, axis=-1))
+    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / len(labels), "f1": f1, "precision": precision, "recall": recall}
 
 
 def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, fresh: bool, quiet: bool):
@@ -415,9 +418,7 @@ def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, fres
 def evaluate(trainer) -> dict:
     """Evaluate the (best) model on the eval split: loss, accuracy, F1, precision, recall, confusion matrix."""
     output = trainer.predict(trainer.eval_dataset, metric_key_prefix="eval")  # sorted by length: less padding
-    predictions = np.argmax(output.predictions, axis=-1)
-    labels = output.label_ids
-    matrix = [[int(np.sum((labels == t) & (predictions == p))) for p in (0, 1)] for t in (0, 1)]
+    matrix = confusion_matrix(output.label_ids, np.argmax(output.predictions, axis=-1))
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in output.metrics.items()} | {
         "confusion_matrix": matrix}
 

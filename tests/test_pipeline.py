@@ -192,3 +192,16 @@ def test_subsets_hold_both_labels_although_imdb_is_sorted(imdb_folder):
     subset = fts.subsample(data["train"], 20, seed=42, split="train")
     assert set(subset["labels"]) == {0, 1}
     assert list(data["train"]["labels"][:20]) == [0] * 20  # the source really is sorted
+
+
+def test_metrics_match_scikit_learn():
+    sklearn = pytest.importorskip("sklearn.metrics")
+    rng = __import__("numpy").random.default_rng(0)
+    labels, logits = rng.integers(0, 2, 200), rng.normal(size=(200, 2))
+    ours = fts.compute_metrics((logits, labels))
+    guesses = logits.argmax(-1)
+    assert ours["accuracy"] == pytest.approx(sklearn.accuracy_score(labels, guesses))
+    assert ours["f1"] == pytest.approx(sklearn.f1_score(labels, guesses))
+    assert ours["precision"] == pytest.approx(sklearn.precision_score(labels, guesses))
+    assert ours["recall"] == pytest.approx(sklearn.recall_score(labels, guesses))
+    assert fts.confusion_matrix(labels, guesses) == sklearn.confusion_matrix(labels, guesses).tolist()
