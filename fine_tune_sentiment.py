@@ -374,7 +374,7 @@ def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, fres
         if changed:
             raise InputError(f"{checkpoints} holds an interrupted run with different settings "
                              f"({', '.join(changed)}); rerun it with the same settings, or pass --fresh")
-        log.info(f"Resuming the interrupted run from {resume_from}")
+        log.warning(f"Resuming the interrupted run from {resume_from}")  # shown even with --quiet
     multi_epoch = config["EPOCHS"] > 1
     bf16 = has_gpu and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
@@ -576,6 +576,7 @@ def setup_logging(quiet: bool) -> None:
     transformers.logging.set_verbosity_error() if quiet else transformers.logging.set_verbosity_warning()
     if quiet:
         datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # avoids the fork warning from the tokenizers crate
     for noise in (".*is_gradient_checkpointing.*", ".*null_placement.*"):  # from peft and pyarrow internals
         warnings.filterwarnings("ignore", message=noise, category=FutureWarning)
