@@ -173,6 +173,7 @@ def test_aclimdb_folder_layout(tmp_path, run_args, capsys):
     assert fts.main(args) == 0
     metrics = json.loads((Path(args[args.index("--output-dir") + 1]) / "metrics.json").read_text())
     assert metrics["train_samples"] == 40 and metrics["eval_samples"] == 20
+    assert [h["eval_accuracy"] for h in metrics["history"] if "eval_accuracy" in h] == [metrics["eval_accuracy"]]
 
 
 def test_single_csv_with_string_labels_gets_a_stratified_split(tmp_path, run_args):
