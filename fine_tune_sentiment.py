@@ -469,6 +469,7 @@ def read_stdin_reviews() -> list[str]:
 def load_adapter(adapter_dir: Path):
     """Load a saved adapter (with its head and tokenizer) for inference."""
     import torch
+    import transformers
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
@@ -476,6 +477,7 @@ def load_adapter(adapter_dir: Path):
         raise InputError(f"no saved adapter in {adapter_dir}; train first (python fine_tune_sentiment.py) "
                          f"or point --output-dir at a finished run")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    transformers.logging.set_verbosity_error()  # else "head newly initialized": true of the base, not of the adapter
     try:
         model = AutoPeftModelForSequenceClassification.from_pretrained(  # the base's config lacks our label names
             str(adapter_dir), use_safetensors=True, id2label=ID2LABEL, label2id=LABEL2ID)

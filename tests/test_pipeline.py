@@ -119,6 +119,7 @@ def test_predict_in_a_subprocess(trained):
     assert len(predictions) == 3  # blank line skipped, invalid UTF-8 line skipped with a warning
     assert predictions[0].startswith("Prediction: POSITIVE (") and predictions[2].startswith("Prediction: NEGATIVE (")
     assert "line 3: not valid UTF-8" in result.stderr.decode()
+    assert "newly initialized" not in result.stderr.decode()  # the head comes from the adapter
     assert out[0] == 'Review: "the movie was great , loved it"'
 
 
@@ -227,3 +228,12 @@ def test_normal_run_shows_preset_params_and_summary(run_args, capfd):
     summary = err.strip().splitlines()[-1]
     assert re.fullmatch(r"Done: accuracy \d\.\d{4}, F1 \d\.\d{4}, trained in \d+s \| adapter: \S+ \| "
                         r"metrics: \S+metrics\.json \| plot: \S+training\.png", summary)
+
+
+def test_metrics_on_a_hand_counted_case():
+    labels = __import__("numpy").array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    logits = __import__("numpy").array([[0, 1]] * 3 + [[1, 0]] + [[0, 1]] * 2 + [[1, 0]] * 4)  # tp 3, fn 1, fp 2, tn 4
+    metrics = fts.compute_metrics((logits, labels))
+    assert fts.confusion_matrix(labels, logits.argmax(-1)) == [[4, 2], [1, 3]]
+    assert metrics["accuracy"] == pytest.approx(0.7) and metrics["precision"] == pytest.approx(3 / 5)
+    assert metrics["recall"] == pytest.approx(3 / 4) and metrics["f1"] == pytest.approx(2 / 3)
