@@ -589,6 +589,8 @@ def setup_logging(quiet: bool) -> None:
 def run_predict(config: dict, texts: list[str]) -> None:
     """--predict: classify the given texts with the saved adapter, without training."""
     reviews = read_stdin_reviews() if texts == ["-"] else texts
+    if not reviews:
+        raise InputError("no reviews on stdin; pass one review per line, or the texts after --predict")
     model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
     print_predictions(reviews, predict(model, tokenizer, reviews))
 

@@ -108,6 +108,13 @@ def test_predict_without_adapter(tmp_path, capsys):
     assert "no saved adapter in" in message
 
 
+def test_predict_with_nothing_on_stdin(tmp_path, monkeypatch, capsys):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(sys, "stdin", __import__("io").TextIOWrapper(__import__("io").BytesIO(b"\n  \r\n")))
+    assert "no reviews on stdin" in fails_with(["--output-dir", str(tmp_path), "--predict", "-"], capsys)
+
+
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(fts.InputError):
         fts.main(["--output-dir", str(tmp_path), "--predict", "fine", "--debug"])
