@@ -601,8 +601,9 @@ def run_training(config: dict, args: argparse.Namespace) -> dict:
     from transformers import set_seed
 
     has_gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if has_gpu else "cpu"
     preset = apply_preset(config, has_gpu)
-    log.info(f"Preset: {preset} ({'CUDA: ' + torch.cuda.get_device_name() if has_gpu else 'no GPU found'}); "
+    log.info(f"Preset: {preset} ({'CUDA: ' + device if has_gpu else 'no GPU found'}); "
              f"settings: {json.dumps({k: v for k, v in config.items() if k != 'SAMPLE_REVIEWS'})}")
     set_seed(config["SEED"])
     check_source(config["MODEL_NAME"], "model")
@@ -627,7 +628,7 @@ def run_training(config: dict, args: argparse.Namespace) -> dict:
         "train_seconds": round(train_metrics["train_runtime"], 1),
         "train_samples_per_second": round(train_metrics["train_samples_per_second"], 2),
         "trainable_params": trainable, "total_params": total,
-        "device": torch.cuda.get_device_name() if has_gpu else "cpu", "preset": preset, "config": config}
+        "device": device, "preset": preset, "config": config}
     print_metrics(metrics)
     print_predictions(config["SAMPLE_REVIEWS"], predict(model, tokenizer, config["SAMPLE_REVIEWS"]))
     history = trainer.state.log_history

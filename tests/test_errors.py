@@ -1,6 +1,7 @@
 """Bad input gets one clear line and exit code 2; interrupted runs resume; saves never leave half an adapter."""
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -111,7 +112,7 @@ def test_predict_without_adapter(tmp_path, capsys):
 def test_predict_with_nothing_on_stdin(tmp_path, monkeypatch, capsys):
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
-    monkeypatch.setattr(sys, "stdin", __import__("io").TextIOWrapper(__import__("io").BytesIO(b"\n  \r\n")))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\n  \r\n")))
     assert "no reviews on stdin" in fails_with(["--output-dir", str(tmp_path), "--predict", "-"], capsys)
 
 

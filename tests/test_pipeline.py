@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -60,7 +61,9 @@ def test_learns_a_separable_task(trained):
 
 def test_adapter_reloads_with_identical_logits(trained):
     model, tokenizer = fts.load_adapter(trained["out"] / "adapter")
-    merged = __import__("transformers").AutoModelForSequenceClassification.from_pretrained(trained["out"] / "merged")
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(trained["out"] / "merged")
     encoded = tokenizer(REVIEWS, padding=True, return_tensors="pt")
     with torch.no_grad():
         first, again = model(**encoded).logits, fts.load_adapter(trained["out"] / "adapter")[0](**encoded).logits
@@ -199,7 +202,7 @@ def test_subsets_hold_both_labels_although_imdb_is_sorted(imdb_folder):
 
 def test_metrics_match_scikit_learn():
     sklearn = pytest.importorskip("sklearn.metrics")
-    rng = __import__("numpy").random.default_rng(0)
+    rng = np.random.default_rng(0)
     labels, logits = rng.integers(0, 2, 200), rng.normal(size=(200, 2))
     ours = fts.compute_metrics((logits, labels))
     guesses = logits.argmax(-1)
@@ -231,8 +234,8 @@ def test_normal_run_shows_preset_params_and_summary(run_args, capfd):
 
 
 def test_metrics_on_a_hand_counted_case():
-    labels = __import__("numpy").array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
-    logits = __import__("numpy").array([[0, 1]] * 3 + [[1, 0]] + [[0, 1]] * 2 + [[1, 0]] * 4)  # tp 3, fn 1, fp 2, tn 4
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    logits = np.array([[0, 1]] * 3 + [[1, 0]] + [[0, 1]] * 2 + [[1, 0]] * 4)  # tp 3, fn 1, fp 2, tn 4
     metrics = fts.compute_metrics((logits, labels))
     assert fts.confusion_matrix(labels, logits.argmax(-1)) == [[4, 2], [1, 3]]
     assert metrics["accuracy"] == pytest.approx(0.7) and metrics["precision"] == pytest.approx(3 / 5)
