@@ -21,7 +21,9 @@ import shutil
 import signal
 import socket
 import sys
+import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -53,6 +55,8 @@ LORA_R: int = 8  # rank of the low-rank update; 4-16 is typical
 LORA_ALPHA: int = 16  # update scale is alpha / r; 2 * r is the usual choice
 LORA_DROPOUT: float = 0.1  # dropout on the LoRA branch input
 TARGET_MODULES: list[str] | None = None  # None = q_lin v_lin (DistilBERT) or query value (BERT); or all-linear
+# speed
+PRECISION: str = "auto"  # auto, fp32, bf16 or fp16; auto = bf16 where measured fast here (GPU: bf16, else fp16), else fp32
 # run
 SEED: int = 42  # seeds shuffling, subsets, LoRA init and dropout: same seed, same CPU result
 OUTPUT_DIR: str = "outputs"  # gets adapter/, metrics.json, training.png, checkpoints/ while training
@@ -73,6 +77,8 @@ HEAD_MODULES = {"distilbert": ["pre_classifier", "classifier"], "bert": ["pooler
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
 LABEL2ID = {name: i for i, name in ID2LABEL.items()}
 LABEL_NAMES = {"0": 0, "neg": 0, "negative": 0, "1": 1, "pos": 1, "positive": 1}  # string labels accepted
+CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16")}  # settings that take one of a few words
+FAST_BF16 = 1.3  # auto picks bf16 on a CPU only where its matmuls measured at least this much faster than fp32
 DATA_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 log = logging.getLogger("fine_tune_sentiment")
 
@@ -113,6 +119,10 @@ def value_parser(name: str, kind: str) -> callable:
     def parse(text: str):
         if "None" in kind and text.lower() in ("none", "auto"):
             return None
+        if name in CHOICES:
+            if text.lower() not in CHOICES[name]:
+                raise argparse.ArgumentTypeError(f"expected one of {', '.join(CHOICES[name])}, got {text!r}")
+            return text.lower()
         try:
             value = base(text)
         except ValueError:
@@ -136,6 +146,102 @@ def apply_preset(config: dict, has_gpu: bool) -> str:
         if config[name] is None:
             config[name] = value
     return preset
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes; torchrun and accelerate launch set both, else 0 and 1."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def join_processes(has_gpu: bool) -> str | None:
+    """Under torchrun, join the process group (NCCL on GPUs, gloo on CPU) and share the cores; return the backend."""
+    import torch
+    from accelerate import PartialState
+
+    if rank_and_world()[1] == 1:
+        return None
+    PartialState(cpu=not has_gpu)  # what the Trainer does later; done now so data preparation can take turns
+    if not has_gpu:  # torchrun gives each process 1 thread; a process should get its share of the cores
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return torch.distributed.get_backend()
+
+
+@contextmanager
+def main_process_first():
+    """Run the block on the main process first (it writes the caches), then on the others (they read them)."""
+    import torch.distributed as dist
+
+    together, main = dist.is_available() and dist.is_initialized(), rank_and_world()[0] == 0
+    if together and not main:
+        try:
+            dist.barrier()
+        except RuntimeError:  # the main process failed first and printed why; torchrun ends this one anyway
+            raise SystemExit(1) from None
+    yield
+    if together and main:
+        dist.barrier()
+
+
+def from_main(value):
+    """Under torchrun, every process takes the main process's value, so they all decide alike."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def bf16_speedup(width: int, seconds: float = 0.2) -> float:
+    """Time width-wide matmuls on this CPU in fp32 and in bf16; return how many times faster bf16 ran."""
+    import torch
+
+    width = max(width, 256)  # at a tiny test model's width the timing would be all overhead
+    x, w = torch.randn(128, width), torch.randn(width, width)
+
+    def seconds_per_call(dtype) -> float:
+        a, b = x.to(dtype), w.to(dtype)
+        a @ b  # warm-up: the first bf16 call picks and builds its kernel
+        calls, start = 0, time.perf_counter()
+        while calls == 0 or time.perf_counter() - start < seconds:  # without fast bf16 one call can take 0.1 s
+            a @ b
+            calls += 1
+        return (time.perf_counter() - start) / calls
+
+    return seconds_per_call(torch.float32) / seconds_per_call(torch.bfloat16)
+
+
+def choose_precision(requested: str, has_gpu: bool, gpu_has_bf16: bool = False, speedup: float | None = None) -> str:
+    """Resolve PRECISION for this hardware: on a CPU, auto takes bf16 only where the probe measured it fast."""
+    if has_gpu:
+        if requested == "bf16" and not gpu_has_bf16:
+            raise InputError("this GPU has no bf16 support; use --precision fp16, fp32 or auto")
+        return ("bf16" if gpu_has_bf16 else "fp16") if requested == "auto" else requested
+    if requested == "fp16":
+        raise InputError("fp16 needs a GPU (CPU autocast runs bf16 only); use --precision bf16, fp32 or auto")
+    fast = speedup is not None and speedup >= FAST_BF16
+    if requested == "bf16" and not fast:
+        log.warning(f"warning: bf16 on this CPU measured {speedup:.2f}x the speed of fp32; training will be slow "
+                    f"(--precision auto picks the faster one)")
+    return "bf16" if requested == "bf16" or (requested == "auto" and fast) else "fp32"
+
+
+def resolve_precision(requested: str, has_gpu: bool, width: int) -> tuple[str, float | None]:
+    """Measure what the hardware needs measured, then choose; return (precision, measured bf16 speedup or None)."""
+    import torch
+
+    if has_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
+        speedup, precision = None, choose_precision(requested, True, torch.cuda.is_bf16_supported())
+    else:
+        probe = requested in ("auto", "bf16") and rank_and_world()[0] == 0  # timings differ between processes
+        speedup = from_main(bf16_speedup(width) if probe else None)
+        precision = choose_precision(requested, False, speedup=speedup)
+    measured = f"; bf16 matmuls ran {speedup:.2f}x as fast as fp32 on this CPU" if speedup else ""
+    log.info(f"Precision: {precision} ({requested}{measured})")
+    return precision, speedup
 
 
 def check_source(name: str, what: str) -> None:
@@ -327,12 +433,18 @@ def interrupt_callback():
                 self.previous[sig] = signal.signal(sig, self.handle)
 
         def handle(self, signum, frame):
-            if self.interrupted:  # a second Ctrl-C stops at once
-                raise KeyboardInterrupt
+            if self.interrupted and rank_and_world()[1] == 1:  # a second Ctrl-C stops at once; under torchrun
+                raise KeyboardInterrupt  # a worker gets both the terminal's SIGINT and torchrun's forwarded one
             self.interrupted = True
             log.warning("\nInterrupted: saving a checkpoint after this step (press Ctrl-C again to quit now)")
 
         def on_step_end(self, args, state, control, **kwargs):
+            if rank_and_world()[1] > 1:  # all processes must stop after the same step, or the save hangs
+                import torch
+
+                flag = torch.tensor([float(self.interrupted)], device=args.device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                self.interrupted = bool(flag.item())
             if self.interrupted:
                 control.should_save = control.should_training_stop = True
 
@@ -357,27 +469,31 @@ def compute_metrics(eval_pred) -> dict:
     return {"accuracy": (tp + tn) / len(labels), "f1": f1, "precision": precision, "recall": recall}
 
 
-def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, fresh: bool, quiet: bool):
+def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, precision: str, fresh: bool,
+          quiet: bool):
     """Train with the Trainer, resuming from the last checkpoint in OUTPUT_DIR unless --fresh."""
-    import torch
     from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
     from transformers.trainer_utils import get_last_checkpoint
 
     checkpoints = Path(config["OUTPUT_DIR"]) / "checkpoints"
     run_file = checkpoints / "run_config.json"
-    if fresh and checkpoints.exists():
-        shutil.rmtree(checkpoints)
-        log.info("--fresh: removed the checkpoints of the earlier run")
-    resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    if resume_from:
-        saved = json.loads(run_file.read_text()) if run_file.exists() else {}
-        changed = sorted(k for k in config if k not in ("SAMPLE_REVIEWS", "MERGE") and saved.get(k) != config[k])
-        if changed:
-            raise InputError(f"{checkpoints} holds an interrupted run with different settings "
-                             f"({', '.join(changed)}); rerun it with the same settings, or pass --fresh")
-        log.warning(f"Resuming the interrupted run from {resume_from}")  # shown even with --quiet
+    main = rank_and_world()[0] == 0
+    with main_process_first():  # the main process decides (and cleans up); the others then see what it left
+        if fresh and checkpoints.exists() and main:
+            shutil.rmtree(checkpoints)
+            log.info("--fresh: removed the checkpoints of the earlier run")
+        resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if resume_from and main:
+            saved = json.loads(run_file.read_text()) if run_file.exists() else {}
+            changed = sorted(k for k in config if k not in ("SAMPLE_REVIEWS", "MERGE") and saved.get(k) != config[k])
+            if changed:
+                raise InputError(f"{checkpoints} holds an interrupted run with different settings "
+                                 f"({', '.join(changed)}); rerun it with the same settings, or pass --fresh")
+            log.warning(f"Resuming the interrupted run from {resume_from}")  # shown even with --quiet
+        if main:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            write_json(run_file, config)
     multi_epoch = config["EPOCHS"] > 1
-    bf16 = has_gpu and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=config["EPOCHS"],
@@ -393,12 +509,14 @@ def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, fres
         load_best_model_at_end=multi_epoch,
         metric_for_best_model="accuracy",
         logging_steps=max(1, len(data["train"]) // config["BATCH_SIZE"] // 10),
-        bf16=bf16,
-        fp16=has_gpu and not bf16,
+        bf16=precision == "bf16",  # autocast: the weights, and so the saved adapter, stay fp32
+        fp16=precision == "fp16",
+        use_cpu=not has_gpu,  # tells the Trainer to run CPU autocast, and DDP over gloo under torchrun
+        ddp_find_unused_parameters=False,  # every trainable weight (LoRA, head) is used each step: skip the graph walk
         dataloader_num_workers=4 if has_gpu else 0,  # on CPU workers compete with the math for 2 cores
         seed=config["SEED"],
         report_to="none",
-        disable_tqdm=quiet,
+        disable_tqdm=quiet or not main,
     )
     interrupt = interrupt_callback()
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"].sort("length"),
@@ -406,8 +524,6 @@ def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, fres
                       processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[interrupt])
     if quiet:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    write_json(run_file, config)
     result = trainer.train(resume_from_checkpoint=resume_from)
     if interrupt.interrupted:
         log.warning(f"Checkpoint saved in {checkpoints}; run the same command again to resume, "
@@ -424,7 +540,8 @@ def evaluate(trainer) -> dict:
         "confusion_matrix": matrix}
 
 
-def predict(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[tuple[str, float]]:
+def predict(model, tokenizer, texts: list[str], batch_size: int = 32, precision: str = "fp32"
+            ) -> list[tuple[str, float]]:
     """Classify texts (longest first, in batches) and return (label, probability) in input order."""
     import torch
 
@@ -432,7 +549,8 @@ def predict(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[tu
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     results = [None] * len(texts)
-    with torch.inference_mode():
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for start in range(0, len(order), batch_size):
             batch = [texts[i] for i in order[start:start + batch_size]]
             encoded = tokenizer(batch, truncation=True, padding=True, return_tensors="pt").to(device)
@@ -575,7 +693,9 @@ def setup_logging(quiet: bool) -> None:
     import transformers
 
     logging.basicConfig(format="%(message)s", stream=sys.stderr, force=True)
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    main = rank_and_world()[0] == 0
+    quiet = quiet or not main  # under torchrun only the main process reports; the others show only errors
+    log.setLevel(logging.ERROR if not main else logging.WARNING if quiet else logging.INFO)
     transformers.logging.set_verbosity_error() if quiet else transformers.logging.set_verbosity_warning()
     if quiet:
         datasets.disable_progress_bars()
@@ -592,7 +712,8 @@ def run_predict(config: dict, texts: list[str]) -> None:
     if not reviews:
         raise InputError("no reviews on stdin; pass one review per line, or the texts after --predict")
     model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
-    print_predictions(reviews, predict(model, tokenizer, reviews))
+    precision, _ = resolve_precision(config["PRECISION"], model.device.type == "cuda", model.config.hidden_size)
+    print_predictions(reviews, predict(model, tokenizer, reviews, precision=precision))
 
 
 def run_training(config: dict, args: argparse.Namespace) -> dict:
@@ -602,25 +723,28 @@ def run_training(config: dict, args: argparse.Namespace) -> dict:
 
     has_gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if has_gpu else "cpu"
+    backend, (rank, world) = join_processes(has_gpu), rank_and_world()
     preset = apply_preset(config, has_gpu)
     log.info(f"Preset: {preset} ({'CUDA: ' + device if has_gpu else 'no GPU found'}); "
              f"settings: {json.dumps({k: v for k, v in config.items() if k != 'SAMPLE_REVIEWS'})}")
     set_seed(config["SEED"])
-    check_source(config["MODEL_NAME"], "model")
-    data = prepare_data(load_raw_data(config["DATASET_NAME"]), config["TEXT_COLUMN"], config["LABEL_COLUMN"],
-                        config["SEED"])
-    data["train"] = subsample(data["train"], config["TRAIN_SAMPLES"], config["SEED"], "train")
-    data["test"] = subsample(data["test"], config["EVAL_SAMPLES"], config["SEED"], "test")
-    model_name = local_or_hub(config["MODEL_NAME"])
-    try:
-        model = build_model(model_name, config["TARGET_MODULES"], config["LORA_R"], config["LORA_ALPHA"],
-                            config["LORA_DROPOUT"])
-        tokenizer = load_tokenizer(model_name, config["MAX_LENGTH"],
-                                   getattr(model.config, "max_position_embeddings", None))
-    except OSError as error:  # not found, offline and not cached, or no safetensors weights
-        raise InputError(f"could not load model {config['MODEL_NAME']!r}: {one_line(error)}") from error
-    data = tokenize(data, tokenizer)
-    trainer, train_metrics = train(model, tokenizer, data, config, has_gpu, args.fresh, args.quiet)
+    with main_process_first():  # downloads and dataset caches are written once, then read by the other processes
+        check_source(config["MODEL_NAME"], "model")
+        data = prepare_data(load_raw_data(config["DATASET_NAME"]), config["TEXT_COLUMN"], config["LABEL_COLUMN"],
+                            config["SEED"])
+        data["train"] = subsample(data["train"], config["TRAIN_SAMPLES"], config["SEED"], "train")
+        data["test"] = subsample(data["test"], config["EVAL_SAMPLES"], config["SEED"], "test")
+        model_name = local_or_hub(config["MODEL_NAME"])
+        try:
+            model = build_model(model_name, config["TARGET_MODULES"], config["LORA_R"], config["LORA_ALPHA"],
+                                config["LORA_DROPOUT"])
+            tokenizer = load_tokenizer(model_name, config["MAX_LENGTH"],
+                                       getattr(model.config, "max_position_embeddings", None))
+        except OSError as error:  # not found, offline and not cached, or no safetensors weights
+            raise InputError(f"could not load model {config['MODEL_NAME']!r}: {one_line(error)}") from error
+        data = tokenize(data, tokenizer)
+    precision, speedup = resolve_precision(config["PRECISION"], has_gpu, model.config.hidden_size)
+    trainer, train_metrics = train(model, tokenizer, data, config, has_gpu, precision, args.fresh, args.quiet)
     metrics = evaluate(trainer)
     trainable, total = model.get_nb_trainable_parameters()
     metrics |= {
@@ -628,9 +752,13 @@ def run_training(config: dict, args: argparse.Namespace) -> dict:
         "train_seconds": round(train_metrics["train_runtime"], 1),
         "train_samples_per_second": round(train_metrics["train_samples_per_second"], 2),
         "trainable_params": trainable, "total_params": total,
-        "device": device, "preset": preset, "config": config}
+        "device": device, "preset": preset, "precision": precision, "bf16_speedup": speedup and round(speedup, 2),
+        "world_size": world, "backend": backend, "config": config}  # throughputs are totals over the processes
+    if rank:
+        return metrics  # the main process prints and saves
     print_metrics(metrics)
-    print_predictions(config["SAMPLE_REVIEWS"], predict(model, tokenizer, config["SAMPLE_REVIEWS"]))
+    samples = config["SAMPLE_REVIEWS"]
+    print_predictions(samples, predict(model, tokenizer, samples, precision=precision))
     history = trainer.state.log_history
     if not any("eval_accuracy" in h for h in history):  # one epoch: the final evaluation is the only one
         history = history + [{"step": trainer.state.global_step, "eval_loss": metrics["eval_loss"],
@@ -647,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
     setup_logging(args.quiet)
     try:
+        if args.predict and rank_and_world()[1] > 1:
+            raise InputError("--predict runs in one process; run it with python, not torchrun")
         if args.predict:
             run_predict(config, args.predict)
         else:
@@ -654,7 +784,8 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        if rank_and_world()[0] == 0:  # the other processes meet the same input, so one message is enough
+            print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
 

