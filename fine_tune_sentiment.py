@@ -43,7 +43,8 @@ LABEL_COLUMN: str = "label"  # column holding 0/1 or neg/pos, negative/positive 
 # sizes (None = the preset for this hardware, printed at start; 0 = every row)
 TRAIN_SAMPLES: int | None = None  # training rows, drawn after a seeded shuffle (IMDB is sorted by label)
 EVAL_SAMPLES: int | None = None  # evaluation rows from the test split, drawn the same way
-MAX_LENGTH: int | None = None  # tokens per review; longer ones are truncated, clamped to the model's limit
+MAX_LENGTH: int | None = None  # tokens per review, clamped to the model's limit; longer ones are cut (TRUNCATION)
+TRUNCATION: str = "head+tail"  # head+tail keeps a long review's first quarter and last three quarters; or head
 # training
 EPOCHS: int | None = None  # passes over the training rows; with 2+ the best epoch (by accuracy) is kept
 BATCH_SIZE: int | None = None  # training examples per step; evaluation uses twice as many
@@ -76,8 +77,11 @@ DEFAULT_TARGETS = {"distilbert": ["q_lin", "v_lin"], "bert": ["query", "value"],
 HEAD_MODULES = {"distilbert": ["pre_classifier", "classifier"], "bert": ["pooler", "classifier"]}  # trained + saved
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
 LABEL2ID = {name: i for i, name in ID2LABEL.items()}
-LABEL_NAMES = {"0": 0, "neg": 0, "negative": 0, "1": 1, "pos": 1, "positive": 1}  # string labels accepted
-CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16")}  # settings that take one of a few words
+SENTIMENT_NAMES = {"neg": "negative", "negative": "negative", "neu": "neutral", "neutral": "neutral",
+                   "pos": "positive", "positive": "positive"}  # string labels read as these, case-insensitively
+SENTIMENT_ORDER = ["negative", "neutral", "positive"]  # their class order; other names follow, sorted
+MAX_CLASSES = 100  # more is probably the wrong column
+CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "TRUNCATION": ("head+tail", "head")}  # settings that take one of a few words
 FAST_BF16 = 1.3  # auto picks bf16 on a CPU only where its matmuls measured at least this much faster than fp32
 DATA_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 log = logging.getLogger("fine_tune_sentiment")
@@ -302,7 +306,7 @@ def load_aclimdb(path: Path) -> DatasetDict:
 
 
 def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: int) -> DatasetDict:
-    """Keep train and test (carving a seeded test split if there is none), with clean text and 0/1 labels."""
+    """Keep train and test (carving a seeded test split if there is none), with clean text and class ids."""
     from datasets import ClassLabel, DatasetDict, Features
 
     if "train" not in raw:
@@ -319,48 +323,78 @@ def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: in
         data = data.rename_column(text_column, "text")
     if label_column != "labels":
         data = data.rename_column(label_column, "labels")  # the name the Trainer passes to the model
-    label_map = build_label_map(data, label_column)
+    feature = data["train"].features["labels"]
     before = {s: len(d) for s, d in data.items()}
-    data = data.filter(lambda b: [isinstance(t, str) and bool(t.strip()) and label_map.get(l) is not None
+    data = data.filter(lambda b: [isinstance(t, str) and bool(t.strip()) and label_key(l, feature) is not None
                                   for t, l in zip(b["text"], b["labels"])], batched=True, desc="Cleaning")
-    data = data.map(lambda b: {"labels": [label_map[l] for l in b["labels"]]}, batched=True, desc="Labelling",
-                    features=Features(data["train"].features | {"labels": ClassLabel(names=list(LABEL2ID))}))
     for split, count in before.items():
         if count - len(data[split]):
             log.warning(f"Dropped {count - len(data[split])} of {count} {split} rows: empty text or unlabelled")
         if not len(data[split]):
             raise InputError(f"no usable rows left in the {split} split (empty texts or missing labels)")
+    names, label_map = class_names(data, feature, label_column)  # from the cleaned rows: every class has text
+    data = data.map(lambda b: {"labels": [label_map[label_key(l, feature)] for l in b["labels"]]}, batched=True,
+                    desc="Labelling", features=Features(data["train"].features | {"labels": ClassLabel(names=names)}))
     if eval_split is None:
         log.info("No test split: holding out a seeded, stratified 20% of train for evaluation")
-        data = data["train"].train_test_split(test_size=0.2, seed=seed, stratify_by_column="labels")
+        try:
+            data = data["train"].train_test_split(test_size=0.2, seed=seed, stratify_by_column="labels")
+        except ValueError as error:  # a class with a single row cannot be split both ways
+            raise InputError(f"cannot hold out a stratified 20% for evaluation: {one_line(error)}") from error
     elif eval_split != "test":
         data["test"] = data.pop(eval_split)
     return data
 
 
-def build_label_map(data: DatasetDict, label_column: str) -> dict:
-    """Map each raw label value to 0, 1 or None (unlabelled, dropped); refuse anything else."""
+def label_key(value, feature):
+    """A raw label as an int or a lower-case name (neg read as negative); None for unlabelled (None, NaN, empty,
+    or IMDB's -1)."""
     from datasets import ClassLabel
 
-    feature = data["train"].features["labels"]
-    values = {v for split in data.values() for v in split.unique("labels")}
-    label_map, unknown = {}, []
-    for value in values:
-        name = feature.int2str(value) if isinstance(feature, ClassLabel) and 0 <= value < feature.num_classes else value
-        if value is None or value == -1 or (isinstance(value, float) and np.isnan(value)):
-            label_map[value] = None  # IMDB marks unlabelled reviews with -1
-        elif isinstance(name, (bool, np.bool_)) or (isinstance(name, (int, float)) and name in (0, 1)):
-            label_map[value] = int(name)
-        elif str(name).strip().lower() in LABEL_NAMES:
-            label_map[value] = LABEL_NAMES[str(name).strip().lower()]
-        else:
-            unknown.append(name)
-    if unknown:
-        raise InputError(f"column {label_column!r} has labels {sorted(map(str, unknown))[:10]} that are not "
-                         f"two classes; use 0/1, neg/pos or negative/positive")
-    if len(set(label_map.values()) - {None}) < 2:
-        raise InputError(f"column {label_column!r} holds only one class ({values}); sentiment needs both")
-    return label_map
+    if isinstance(feature, ClassLabel) and isinstance(value, int) and 0 <= value < feature.num_classes:
+        value = feature.names[value]
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, float):
+        return None if np.isnan(value) else int(value) if value.is_integer() else str(value)
+    if isinstance(value, str):
+        value = value.strip().lower()
+        value = int(value) if value.lstrip("-").isdigit() else SENTIMENT_NAMES.get(value, value)  # neg: negative
+    if value is None or value == -1 or value == "":
+        return None
+    return value
+
+
+def class_names(data: DatasetDict, feature, label_column: str) -> tuple[list[str], dict]:
+    """Name the classes found in the cleaned train rows, in a stable order; return (names, key -> class id)."""
+    from datasets import ClassLabel
+
+    keys = {label_key(v, feature) for v in data["train"].unique("labels")}
+    unseen = {label_key(v, feature) for split in data if split != "train" for v in data[split].unique("labels")}
+    if isinstance(feature, ClassLabel):
+        unseen |= {label_key(i, feature) for i in range(feature.num_classes)}
+    unseen -= keys
+    if unseen:
+        raise InputError(f"column {label_column!r} has classes with no usable training rows: "
+                         f"{sorted(map(str, unseen))[:10]}; every class needs training examples")
+    if len(keys) < 2:
+        raise InputError(f"column {label_column!r} holds only one class ({sorted(map(str, keys))}) after dropping "
+                         f"empty or unlabelled rows; classification needs at least two")
+    if len(keys) > MAX_CLASSES:
+        raise InputError(f"column {label_column!r} has {len(keys)} classes, more than {MAX_CLASSES}; is it the "
+                         f"label column? (set --label-column)")
+    if len({type(k) for k in keys}) > 1:
+        raise InputError(f"column {label_column!r} mixes numbers and names: {sorted(map(str, keys))[:10]}")
+    if isinstance(feature, ClassLabel):
+        order = [label_key(i, feature) for i in range(feature.num_classes)]
+    elif isinstance(next(iter(keys)), int):
+        order = sorted(keys)  # 0..K-1, or star ratings 1..5
+    else:  # sentiment names first, in their order (so 3 classes read negative, neutral, positive)
+        order = [k for k in SENTIMENT_ORDER if k in keys] + sorted(keys - set(SENTIMENT_ORDER))
+    names = [str(k) for k in order]
+    if names in (["0", "1"], ["negative", "positive"]):
+        names = list(ID2LABEL.values())  # binary sentiment keeps NEGATIVE/POSITIVE, as before
+    return names, {key: i for i, key in enumerate(order)}
 
 
 def subsample(data: Dataset, n: int, seed: int, split: str) -> Dataset:
@@ -372,8 +406,8 @@ def subsample(data: Dataset, n: int, seed: int, split: str) -> Dataset:
     return data.shuffle(seed=seed).select(range(n))
 
 
-def load_tokenizer(model_name: str, max_length: int, model_limit: int | None):
-    """Load the tokenizer and clamp MAX_LENGTH to what the model and tokenizer can take."""
+def load_tokenizer(model_name: str, max_length: int, model_limit: int | None, truncation: str = "head"):
+    """Load the tokenizer, clamp MAX_LENGTH to what the model and tokenizer can take, and set how reviews are cut."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_name)
@@ -381,28 +415,47 @@ def load_tokenizer(model_name: str, max_length: int, model_limit: int | None):
     limit = min(x for x in (tokenizer_limit, model_limit, max_length) if x)
     if limit < max_length:
         log.warning(f"warning: MAX_LENGTH {max_length} is above the model's limit; using {limit}")
-    tokenizer.model_max_length = limit  # saved with the adapter, so --predict truncates the same way
+    tokenizer.model_max_length = limit  # both saved with the adapter, so --predict cuts reviews the same way
+    tokenizer.init_kwargs["review_truncation"] = truncation
     return tokenizer
 
 
+def encode(tokenizer, texts: list[str]) -> dict:
+    """Tokenize once, without padding, and cut reviews longer than model_max_length as the tokenizer says."""
+    limit = tokenizer.model_max_length
+    if tokenizer.init_kwargs.get("review_truncation", "head") == "head":
+        return tokenizer(texts, truncation=True)
+    encoded = tokenizer(texts, verbose=False)  # whole reviews; cut below, so no second tokenizer pass
+    with_specials = tokenizer("a")["input_ids"]
+    before = with_specials.index(tokenizer("a", add_special_tokens=False)["input_ids"][0])  # [CLS] and the like
+    after = len(with_specials) - before - 1  # [SEP] and the like
+    head = (limit - before - after) // 4  # Sun et al. 2019: the head and the tail keep IMDB's verdict best
+    tail = limit - before - after - head
+    for key, rows in encoded.items():  # input_ids, attention_mask, token_type_ids: all cut alike
+        encoded[key] = [row if len(row) <= limit else row[:before + head] + row[len(row) - tail - after:]
+                        for row in rows]
+    return encoded
+
+
 def tokenize(data: DatasetDict, tokenizer) -> DatasetDict:
-    """Tokenize once, with truncation and no padding; padding happens per batch in the collator."""
-    def encode(batch):
-        encoded = tokenizer(batch["text"], truncation=True)
+    """Tokenize every split once; padding happens per batch in the collator."""
+    def encode_batch(batch):
+        encoded = encode(tokenizer, batch["text"])
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]  # for length-grouped batches
         return encoded
 
-    return data.map(encode, batched=True, remove_columns=["text"], desc="Tokenizing")
+    return data.map(encode_batch, batched=True, remove_columns=["text"], desc="Tokenizing")
 
 
 def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, lora_alpha: int,
-                lora_dropout: float):
-    """Load the pretrained encoder with a 2-class head and wrap it in LoRA; the head trains fully."""
+                lora_dropout: float, names: list[str] = tuple(ID2LABEL.values())):
+    """Load the pretrained encoder with a head for the classes and wrap it in LoRA; the head trains fully."""
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_name, num_labels=2, id2label=ID2LABEL, label2id=LABEL2ID, use_safetensors=True)
+        model_name, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        use_safetensors=True)
     model_type = model.config.model_type
     targets = target_modules or DEFAULT_TARGETS.get(model_type)
     if targets is None:
@@ -455,18 +508,32 @@ def interrupt_callback():
     return SaveOnInterrupt()
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray) -> list[list[int]]:
-    """[[tn, fp], [fn, tp]] for the 0/1 labels."""
-    return [[int(np.sum((labels == true) & (predictions == guess))) for guess in (0, 1)] for true in (0, 1)]
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int = 2) -> list[list[int]]:
+    """Counts of (true class, predicted class); for two classes [[tn, fp], [fn, tp]]."""
+    return [[int(np.sum((labels == true) & (predictions == guess))) for guess in range(classes)]
+            for true in range(classes)]
+
+
+def scores(matrix: list[list[int]]) -> dict:
+    """Accuracy, F1, precision, recall and per-class F1 from a confusion matrix: no hub, no extra package.
+
+    With two classes F1, precision and recall are POSITIVE's; with more they are the macro average."""
+    matrix = np.array(matrix)
+    hits, predicted, actual = np.diag(matrix), matrix.sum(axis=0), matrix.sum(axis=1)
+    precision, recall = hits / np.maximum(predicted, 1), hits / np.maximum(actual, 1)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(hits)),
+                   where=precision + recall > 0)
+    pick = (lambda x: float(x[1])) if len(hits) == 2 else (lambda x: float(x.mean()))
+    return {"accuracy": float(hits.sum() / matrix.sum()), "f1": pick(f1), "precision": pick(precision),
+            "recall": pick(recall), "per_class_f1": [round(float(x), 4) for x in f1]}
 
 
 def compute_metrics(eval_pred) -> dict:
-    """Accuracy, and F1, precision and recall of POSITIVE, from the confusion matrix: no hub, no extra package."""
+    """The Trainer's per-evaluation metrics: scores() of the confusion matrix, scalars only."""
     logits, labels = eval_pred
-    (tn, fp), (fn, tp) = confusion_matrix(labels, np.argmax(logits, axis=-1))
-    precision, recall = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": (tp + tn) / len(labels), "f1": f1, "precision": precision, "recall": recall}
+    metrics = scores(confusion_matrix(labels, np.argmax(logits, axis=-1), logits.shape[-1]))
+    del metrics["per_class_f1"]  # the Trainer logs scalars; evaluate() adds the list for more than two classes
+    return metrics
 
 
 def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, precision: str, fresh: bool,
@@ -535,9 +602,13 @@ def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, prec
 def evaluate(trainer) -> dict:
     """Evaluate the (best) model on the eval split: loss, accuracy, F1, precision, recall, confusion matrix."""
     output = trainer.predict(trainer.eval_dataset, metric_key_prefix="eval")  # sorted by length: less padding
-    matrix = confusion_matrix(output.label_ids, np.argmax(output.predictions, axis=-1))
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in output.metrics.items()} | {
-        "confusion_matrix": matrix}
+    classes = output.predictions.shape[-1]
+    matrix = confusion_matrix(output.label_ids, np.argmax(output.predictions, axis=-1), classes)
+    metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in output.metrics.items()}
+    if classes > 2:  # two classes keep exactly the fields they always had
+        metrics |= {"average": "macro", "per_class_f1": dict(zip(trainer.model.config.id2label.values(),
+                                                                   scores(matrix)["per_class_f1"]))}
+    return metrics | {"confusion_matrix": matrix}
 
 
 def predict(model, tokenizer, texts: list[str], batch_size: int = 32, precision: str = "fp32"
@@ -553,10 +624,10 @@ def predict(model, tokenizer, texts: list[str], batch_size: int = 32, precision:
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for start in range(0, len(order), batch_size):
             batch = [texts[i] for i in order[start:start + batch_size]]
-            encoded = tokenizer(batch, truncation=True, padding=True, return_tensors="pt").to(device)
+            encoded = tokenizer.pad(encode(tokenizer, batch), return_tensors="pt").to(device)
             probs = torch.softmax(model(**encoded).logits.float(), dim=-1)
             for i, (score, label) in zip(order[start:start + batch_size], zip(*probs.max(dim=-1))):
-                results[i] = (ID2LABEL[int(label)], float(score))
+                results[i] = (model.config.id2label[int(label)], float(score))
     return results
 
 
@@ -596,20 +667,25 @@ def load_adapter(adapter_dir: Path):
                          f"or point --output-dir at a finished run")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     transformers.logging.set_verbosity_error()  # else "head newly initialized": true of the base, not of the adapter
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    names = tokenizer.init_kwargs.get("id2label", ID2LABEL)  # the base's config lacks our label names
+    id2label = {int(i): name for i, name in names.items()}
     try:
-        model = AutoPeftModelForSequenceClassification.from_pretrained(  # the base's config lacks our label names
-            str(adapter_dir), use_safetensors=True, id2label=ID2LABEL, label2id=LABEL2ID)
+        model = AutoPeftModelForSequenceClassification.from_pretrained(
+            str(adapter_dir), use_safetensors=True, id2label=id2label, label2id={n: i for i, n in id2label.items()})
     except OSError as error:  # e.g. the base model is a hub id and the hub is out of reach
         raise InputError(f"could not load the adapter in {adapter_dir}: {one_line(error)}") from error
-    return model.to(device), AutoTokenizer.from_pretrained(str(adapter_dir))
+    return model.to(device), tokenizer
 
 
 def save_outputs(model, tokenizer, metrics: dict, history: list, output_dir: Path, merge: bool) -> dict:
     """Write adapter/, metrics.json, training.png (and merged/) so an earlier run's files survive a crash."""
     paths = {"adapter": output_dir / "adapter", "metrics": output_dir / "metrics.json"}
+    tokenizer.init_kwargs["id2label"] = model.config.id2label  # an adapter folder has no model config to hold them
     write_dir(paths["adapter"], lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     write_json(paths["metrics"], metrics | {"history": history})
-    plot = save_plot(history, metrics["confusion_matrix"], output_dir / "training.png")
+    plot = save_plot(history, metrics["confusion_matrix"], list(model.config.id2label.values()),
+                     output_dir / "training.png")
     if plot:
         paths["plot"] = plot
     if merge:  # last: merging folds LoRA into the base weights of this in-memory model
@@ -619,7 +695,7 @@ def save_outputs(model, tokenizer, metrics: dict, history: list, output_dir: Pat
     return paths
 
 
-def save_plot(history: list, matrix: list, path: Path) -> Path | None:
+def save_plot(history: list, matrix: list, names: list[str], path: Path) -> Path | None:
     """Plot train/eval loss and eval accuracy per step next to the confusion matrix."""
     try:
         import matplotlib
@@ -628,7 +704,7 @@ def save_plot(history: list, matrix: list, path: Path) -> Path | None:
     except ImportError:
         log.warning("warning: matplotlib is not installed, so no plot was drawn (pip install matplotlib)")
         return None
-    fig, (curves, cells) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (curves, cells) = plt.subplots(1, 2, figsize=(11, 4 + len(names) // 4))
     for key, style in (("loss", "-"), ("eval_loss", "o-"), ("eval_accuracy", "s--")):
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:
@@ -637,8 +713,9 @@ def save_plot(history: list, matrix: list, path: Path) -> Path | None:
     curves.legend()
     cells.imshow(matrix, cmap="Blues")
     for (row, col), count in np.ndenumerate(np.array(matrix)):
-        cells.text(col, row, str(count), ha="center", va="center", fontsize=14)
-    cells.set(xticks=[0, 1], yticks=[0, 1], xticklabels=list(LABEL2ID), yticklabels=list(LABEL2ID),
+        cells.text(col, row, str(count), ha="center", va="center", fontsize=14 if len(names) < 6 else 8)
+    ticks = list(range(len(names)))
+    cells.set(xticks=ticks, yticks=ticks, xticklabels=names, yticklabels=names,
               xlabel="predicted", ylabel="true", title="Confusion matrix (eval)")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -683,8 +760,12 @@ def print_metrics(metrics: dict) -> None:
     print("=== eval metrics ===")
     for key in ("eval_accuracy", "eval_f1", "eval_precision", "eval_recall", "eval_loss"):
         print(f"{key}: {metrics[key]:.4f}")
-    (tn, fp), (fn, tp) = metrics["confusion_matrix"]
-    print(f"confusion_matrix: [[tn={tn}, fp={fp}], [fn={fn}, tp={tp}]]")
+    if len(metrics["confusion_matrix"]) == 2:
+        (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+        print(f"confusion_matrix: [[tn={tn}, fp={fp}], [fn={fn}, tp={tp}]]")
+    else:  # rows are the true classes, columns the predicted ones, both in class order
+        print(f"per_class_f1: {json.dumps(metrics['per_class_f1'])}")
+        print(f"confusion_matrix: {json.dumps(metrics['confusion_matrix'])}")
 
 
 def setup_logging(quiet: bool) -> None:
@@ -737,9 +818,9 @@ def run_training(config: dict, args: argparse.Namespace) -> dict:
         model_name = local_or_hub(config["MODEL_NAME"])
         try:
             model = build_model(model_name, config["TARGET_MODULES"], config["LORA_R"], config["LORA_ALPHA"],
-                                config["LORA_DROPOUT"])
+                                config["LORA_DROPOUT"], data["train"].features["labels"].names)
             tokenizer = load_tokenizer(model_name, config["MAX_LENGTH"],
-                                       getattr(model.config, "max_position_embeddings", None))
+                                       getattr(model.config, "max_position_embeddings", None), config["TRUNCATION"])
         except OSError as error:  # not found, offline and not cached, or no safetensors weights
             raise InputError(f"could not load model {config['MODEL_NAME']!r}: {one_line(error)}") from error
         data = tokenize(data, tokenizer)

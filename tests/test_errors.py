@@ -68,8 +68,7 @@ def test_missing_column_names_the_columns(run_args, tmp_path, capsys):
     assert "text column 'text' not found" in message and "columns: review, label" in message
 
 
-@pytest.mark.parametrize("labels, expected", [
-    ([1, 2, 3, 4, 5], "not two classes"), (["neg", "pos", "meh"], "['meh']"), ([1], "only one class")])
+@pytest.mark.parametrize("labels, expected", [([1], "only one class"), ([None], "no usable rows")])
 def test_bad_labels(run_args, tmp_path, capsys, labels, expected):
     rows = [(text, labels[i % len(labels)]) for i, (text, _) in enumerate(make_reviews(30, seed=1))]
     assert expected in fails_with(with_flag(run_args, "--dataset-name", write_csv(tmp_path, rows)), capsys)

@@ -1,0 +1,156 @@
+"""Long reviews keep their end (TRUNCATION=head+tail); labels with any number of classes."""
+
+import json
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+import fine_tune_sentiment as fts
+from conftest import FILLER, NEGATIVE, POSITIVE
+from test_errors import fails_with
+
+LONG = "great " + " ".join(FILLER * 4) + " awful"  # 54 words: the first and the last carry the sentiment
+
+
+def tokenizer(tiny_model: str, truncation: str, max_length: int = 16):
+    return fts.load_tokenizer(tiny_model, max_length, None, truncation)
+
+
+def test_head_tail_keeps_the_first_quarter_and_the_rest_from_the_end(tiny_model):
+    tok = tokenizer(tiny_model, "head+tail")
+    full = tok(LONG)["input_ids"]
+    cut = fts.encode(tok, [LONG])
+    ids = cut["input_ids"][0]
+    assert len(ids) == 16 and len(cut["attention_mask"][0]) == 16
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    assert ids[1:4] == full[1:4]  # (16 - 2) // 4 = 3 tokens of the head
+    assert ids[4:15] == full[-12:-1]  # the other 11 from the tail, ending in "awful"
+    assert tok.convert_ids_to_tokens(ids[1:2] + ids[-2:-1]) == ["great", "awful"]
+
+
+def test_head_cuts_the_end_and_short_reviews_are_unchanged(tiny_model):
+    head, both = tokenizer(tiny_model, "head"), tokenizer(tiny_model, "head+tail")
+    ids = fts.encode(head, [LONG])["input_ids"][0]
+    assert ids == head(LONG, truncation=True)["input_ids"] and "awful" not in head.convert_ids_to_tokens(ids)
+    short = ["the movie was great", ""]
+    assert fts.encode(both, short)["input_ids"] == fts.encode(head, short)["input_ids"] == head(short)["input_ids"]
+
+
+def filler_then_word(n: int, seed: int) -> pd.DataFrame:
+    """Reviews whose only sentiment words come after 30 filler words."""
+    rng = random.Random(seed)
+    rows = [(" ".join(rng.choices(FILLER, k=30) + rng.choices(POSITIVE if i % 2 else NEGATIVE, k=2)), i % 2)
+            for i in range(n)]
+    return pd.DataFrame(rows, columns=["text", "label"])
+
+
+def test_only_head_tail_learns_a_verdict_at_the_end(run_args, tmp_path):
+    folder = tmp_path / "late"
+    folder.mkdir()
+    filler_then_word(400, seed=1).to_parquet(folder / "train.parquet")
+    filler_then_word(200, seed=2).to_parquet(folder / "test.parquet")
+    accuracy = {}
+    for mode in ("head", "head+tail"):
+        out = tmp_path / mode
+        args = run_args + ["--dataset-name", str(folder), "--max-length", "16", "--truncation", mode,
+                           "--output-dir", str(out), "--quiet"]
+        assert fts.main(args) == 0
+        accuracy[mode] = json.loads((out / "metrics.json").read_text())["eval_accuracy"]
+    assert accuracy["head+tail"] >= 0.9 and accuracy["head"] <= 0.65, accuracy
+    model, tok = fts.load_adapter(tmp_path / "head+tail" / "adapter")  # --predict cuts as training did
+    assert fts.encode(tok, [LONG]) == fts.encode(tokenizer(str(run_args[1]), "head+tail"), [LONG])
+    assert fts.predict(model, tok, ["the " * 40 + "wonderful"])[0][0] == "POSITIVE"
+
+
+def three_class_rows(n: int, seed: int) -> list[tuple[str, str]]:
+    """negative/neutral/positive (in mixed spellings), each marked by one word among filler."""
+    rng, spellings = random.Random(seed), [["Negative", "neg"], ["NEUTRAL", "neu"], ["positive", "Pos"]]
+    neutral, filler = ["plot", "acting", "story"], [w for w in FILLER if w not in ("plot", "acting", "story")]
+    rows = []
+    for i in range(n):
+        label = i % 3
+        words = rng.choices(filler, k=rng.randint(2, 6)) + [rng.choice([NEGATIVE, neutral, POSITIVE][label])]
+        rng.shuffle(words)
+        rows.append((" ".join(words), rng.choice(spellings[label])))
+    return rows
+
+
+def test_three_string_classes_learn_with_macro_metrics(run_args, tmp_path, capsys):
+    pd.DataFrame(three_class_rows(600, seed=3), columns=["text", "label"]).to_csv(tmp_path / "three.csv", index=False)
+    out = tmp_path / "out"
+    args = run_args + ["--dataset-name", str(tmp_path / "three.csv"), "--output-dir", str(out), "--epochs", "4", "--learning-rate", "0.02",
+                       "--merge"]
+    assert fts.main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_accuracy"] >= 0.55  # chance is 0.33; seeds 1-3 and 42 gave 0.59-0.87
+    assert metrics["average"] == "macro" and list(metrics["per_class_f1"]) == ["negative", "neutral", "positive"]
+    assert metrics["eval_f1"] == pytest.approx(sum(metrics["per_class_f1"].values()) / 3, abs=1e-3)
+    matrix = metrics["confusion_matrix"]
+    assert len(matrix) == 3 and all(len(row) == 3 for row in matrix) and sum(map(sum, matrix)) == 120
+    printed = capsys.readouterr().out
+    assert f"confusion_matrix: {json.dumps(matrix)}" in printed
+    merged = json.loads((out / "merged" / "config.json").read_text())
+    assert merged["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    model, tok = fts.load_adapter(out / "adapter")
+    assert model.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    labels = {label for label, _ in fts.predict(model, tok, ["great wonderful", "awful dull", "the movie"])}
+    assert labels <= {"negative", "neutral", "positive"} and len(labels) >= 2
+
+
+def test_classlabel_names_and_integer_classes(tmp_path):
+    texts = [t for t, _ in three_class_rows(60, seed=4)]
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["bad", "okay", "good"])})
+    raw = DatasetDict({s: Dataset.from_dict({"text": texts, "label": [i % 3 for i in range(60)]}, features=features)
+                       for s in ("train", "test")})
+    data = fts.prepare_data(raw, "text", "label", seed=0)
+    assert data["train"].features["labels"].names == ["bad", "okay", "good"]
+    assert data["train"]["labels"][:3] == [0, 1, 2]
+    stars = DatasetDict({"train": Dataset.from_dict({"text": texts, "label": [i % 4 for i in range(60)]})})
+    data = fts.prepare_data(stars, "text", "label", seed=0)
+    assert data["train"].features["labels"].names == ["0", "1", "2", "3"] and len(data["test"]) == 12
+
+
+@pytest.mark.parametrize("labels, names", [
+    ([0, 1], ["NEGATIVE", "POSITIVE"]), (["pos", "NEG"], ["NEGATIVE", "POSITIVE"]), ([True, False], ["NEGATIVE", "POSITIVE"]),
+    (["positive", "neutral", "negative"], ["negative", "neutral", "positive"]), ([5, 1, 3], ["1", "3", "5"]),
+    (["sports", "Politics", "neg"], ["negative", "politics", "sports"])])
+def test_class_order(labels, names):
+    rows = {"text": ["a review"] * 4 * len(labels), "label": labels * 4}
+    data = fts.prepare_data(DatasetDict({"train": Dataset.from_dict(rows), "test": Dataset.from_dict(rows)}),
+                            "text", "label", seed=0)
+    assert data["train"].features["labels"].names == names
+
+
+def test_binary_metrics_keep_their_fields():
+    labels, logits = [1, 1, 0, 0, 0], [[0, 1], [1, 0], [0, 1], [1, 0], [1, 0]]
+    import numpy as np
+    metrics = fts.compute_metrics((np.array(logits), np.array(labels)))
+    assert metrics == {"accuracy": 0.6, "f1": 0.5, "precision": 0.5, "recall": 0.5}
+    assert all(type(v) is float for v in metrics.values())
+
+
+def csv_rows(tmp_path: Path, rows: list, name: str = "data.csv") -> str:
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(tmp_path / name, index=False)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ([("fine film", "pos")] * 20, "holds only one class (['positive'])"),
+    ([("fine film", "pos")] * 20 + [("", "neg"), ("  ", "neg")], "only one class (['positive']) after dropping"),
+    ([(f"text {i}", f"c{i}") for i in range(101)] * 2, "101 classes, more than 100"),
+    ([("fine film", 1), ("dull film", "neg")] * 10, "mixes numbers and names"),
+])
+def test_bad_classes(run_args, tmp_path, capsys, rows, expected):
+    assert expected in fails_with(run_args + ["--dataset-name", csv_rows(tmp_path, rows)], capsys)
+
+
+def test_class_only_in_test_is_refused(run_args, tmp_path, capsys):
+    folder = tmp_path / "split"
+    folder.mkdir()
+    csv_rows(folder, [("fine film", "pos"), ("dull film", "neg")] * 10, "train.csv")
+    csv_rows(folder, [("fine film", "pos"), ("so so", "neutral")] * 5, "test.csv")
+    message = fails_with(run_args + ["--dataset-name", str(folder)], capsys)
+    assert "classes with no usable training rows: ['neutral']" in message
