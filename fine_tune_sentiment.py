@@ -13,6 +13,7 @@ accuracy, F1, loss and the confusion matrix, prints sample predictions and saves
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ BATCH_SIZE: int | None = None  # training examples per step; evaluation uses twi
 LEARNING_RATE: float = 5e-4  # LoRA wants about 10x full fine-tuning's 5e-5
 WARMUP: float = 0.06  # fraction of steps spent warming the learning rate up from 0
 WEIGHT_DECAY: float = 0.01  # AdamW weight decay on the trainable weights
+EARLY_STOPPING: int = 0  # with EPOCHS > 1, stop after this many evaluations without better accuracy; 0 = off
 # LoRA
 LORA_R: int = 8  # rank of the low-rank update; 4-16 is typical
 LORA_ALPHA: int = 16  # update scale is alpha / r; 2 * r is the usual choice
@@ -62,6 +64,7 @@ PRECISION: str = "auto"  # auto, fp32, bf16 or fp16; auto = bf16 where measured 
 SEED: int = 42  # seeds shuffling, subsets, LoRA init and dropout: same seed, same CPU result
 OUTPUT_DIR: str = "outputs"  # gets adapter/, metrics.json, training.png, checkpoints/ while training
 MERGE: bool = False  # also write OUTPUT_DIR/merged/, a plain transformers model with LoRA folded in
+REPORT_TO: str = "none"  # none, tensorboard (logs in OUTPUT_DIR/runs/), wandb, mlflow or another Trainer tracker
 SAMPLE_REVIEWS: list[str] = [  # predicted and printed after training
     "This movie was fantastic!",
     "A dull, lifeless film. I want my two hours back.",
@@ -83,6 +86,9 @@ SENTIMENT_ORDER = ["negative", "neutral", "positive"]  # their class order; othe
 MAX_CLASSES = 100  # more is probably the wrong column
 CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "TRUNCATION": ("head+tail", "head")}  # settings that take one of a few words
 FAST_BF16 = 1.3  # auto picks bf16 on a CPU only where its matmuls measured at least this much faster than fp32
+TRACKER_PACKAGES = {"comet_ml": ("comet_ml", "comet-ml"), "azure_ml": ("azureml", "azureml-core")}  # else name, name
+PREDICT_FILE_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")  # --predict-file reads these
+PREDICTIONS_FILE_TYPES = (".csv", ".jsonl", ".parquet")  # and writes these
 DATA_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 log = logging.getLogger("fine_tune_sentiment")
 
@@ -109,6 +115,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]
             parser.add_argument(flag, dest=name, type=value_parser(name, kind), default=default, help=helptext)
     parser.add_argument("--predict", nargs="+", metavar="TEXT", help="load OUTPUT_DIR/adapter and classify TEXT "
                         "without training; '-' reads one review per line from stdin")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate OUTPUT_DIR/adapter on DATASET_NAME (its "
+                        "test split, or a whole data file) into OUTPUT_DIR/eval_metrics.json, without training")
+    parser.add_argument("--predict-file", metavar="IN", help="score every row of IN (.csv .tsv .jsonl .json .parquet "
+                        ".txt) with OUTPUT_DIR/adapter; the text is in TEXT_COLUMN")
+    parser.add_argument("--predictions", metavar="OUT", help="where --predict-file writes (.csv .jsonl .parquet; "
+                        "default OUTPUT_DIR/predictions.csv): every input row and column, plus the prediction")
     parser.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run; start over")
     parser.add_argument("--quiet", action="store_true", help="print only the metrics and the predictions")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -305,15 +317,22 @@ def load_aclimdb(path: Path) -> DatasetDict:
     return DatasetDict(splits)
 
 
-def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: int) -> DatasetDict:
-    """Keep train and test (carving a seeded test split if there is none), with clean text and class ids."""
+def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: int,
+                 names: list[str] | None = None) -> DatasetDict:
+    """Keep train and test (carving a seeded test split if there is none), with clean text and class ids.
+
+    Given the class names of a trained adapter (--eval-only), keep only the test split (or validation, or a
+    single file whole) and map its labels onto those names."""
     from datasets import ClassLabel, DatasetDict, Features
 
-    if "train" not in raw:
+    if "train" not in raw and names is None:
         raise InputError(f"the dataset has no 'train' split; it has: {', '.join(raw) or 'none'}")
     eval_split = next((s for s in ("test", "validation") if s in raw), None)
-    data = DatasetDict({s: raw[s] for s in ("train", eval_split) if s})  # never IMDB's 'unsupervised'
-    columns = data["train"].column_names
+    if names is not None:
+        data = DatasetDict({"test": raw[eval_split or next(iter(raw))]})  # a single file loads as 'train'
+    else:
+        data = DatasetDict({s: raw[s] for s in ("train", eval_split) if s})  # never IMDB's 'unsupervised'
+    columns = next(iter(data.values())).column_names
     for role, column in (("text", text_column), ("label", label_column)):
         if column not in columns:
             raise InputError(f"{role} column {column!r} not found; the dataset has columns: {', '.join(columns)} "
@@ -323,7 +342,7 @@ def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: in
         data = data.rename_column(text_column, "text")
     if label_column != "labels":
         data = data.rename_column(label_column, "labels")  # the name the Trainer passes to the model
-    feature = data["train"].features["labels"]
+    feature = next(iter(data.values())).features["labels"]
     before = {s: len(d) for s, d in data.items()}
     data = data.filter(lambda b: [isinstance(t, str) and bool(t.strip()) and label_key(l, feature) is not None
                                   for t, l in zip(b["text"], b["labels"])], batched=True, desc="Cleaning")
@@ -332,16 +351,25 @@ def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: in
             log.warning(f"Dropped {count - len(data[split])} of {count} {split} rows: empty text or unlabelled")
         if not len(data[split]):
             raise InputError(f"no usable rows left in the {split} split (empty texts or missing labels)")
-    names, label_map = class_names(data, feature, label_column)  # from the cleaned rows: every class has text
+    if names is None:
+        names, label_map = class_names(data, feature, label_column)  # from the cleaned rows: every class has text
+    else:
+        label_map = {label_key(name, None): i for i, name in enumerate(names)} | (
+            {0: 0, 1: 1} if names == list(ID2LABEL.values()) else {})  # binary data may say 0/1 or neg/pos
+        unknown = {label_key(v, feature) for v in data["test"].unique("labels")} - set(label_map)
+        if unknown:
+            raise InputError(f"column {label_column!r} has labels the adapter does not know: "
+                             f"{sorted(map(str, unknown))[:10]}; it knows {names}")
     data = data.map(lambda b: {"labels": [label_map[label_key(l, feature)] for l in b["labels"]]}, batched=True,
-                    desc="Labelling", features=Features(data["train"].features | {"labels": ClassLabel(names=names)}))
-    if eval_split is None:
+                    desc="Labelling", features=Features(next(iter(data.values())).features | {
+                        "labels": ClassLabel(names=names)}))
+    if eval_split is None and "train" in data:
         log.info("No test split: holding out a seeded, stratified 20% of train for evaluation")
         try:
             data = data["train"].train_test_split(test_size=0.2, seed=seed, stratify_by_column="labels")
         except ValueError as error:  # a class with a single row cannot be split both ways
             raise InputError(f"cannot hold out a stratified 20% for evaluation: {one_line(error)}") from error
-    elif eval_split != "test":
+    elif names is None and eval_split != "test":
         data["test"] = data.pop(eval_split)
     return data
 
@@ -539,7 +567,7 @@ def compute_metrics(eval_pred) -> dict:
 def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, precision: str, fresh: bool,
           quiet: bool):
     """Train with the Trainer, resuming from the last checkpoint in OUTPUT_DIR unless --fresh."""
-    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+    from transformers import EarlyStoppingCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     checkpoints = Path(config["OUTPUT_DIR"]) / "checkpoints"
@@ -560,9 +588,27 @@ def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, prec
         if main:
             checkpoints.mkdir(parents=True, exist_ok=True)
             write_json(run_file, config)
+    interrupt = interrupt_callback()
+    stop_early = [EarlyStoppingCallback(config["EARLY_STOPPING"])] if config["EARLY_STOPPING"] and config[
+        "EPOCHS"] > 1 else []  # it compares evaluations, and one epoch has only the final one
+    trainer = make_trainer(model, tokenizer, data, config, has_gpu, precision, quiet, checkpoints,
+                           [interrupt, *stop_early])
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    if interrupt.interrupted:
+        log.warning(f"Checkpoint saved in {checkpoints}; run the same command again to resume, "
+                    f"or pass --fresh to start over")
+        raise SystemExit(130)
+    return trainer, result.metrics
+
+
+def make_trainer(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, precision: str, quiet: bool,
+                 output_dir: Path, callbacks: list = ()):
+    """The Trainer that training and --eval-only share: the same batches, precision, collator and metrics."""
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+
     multi_epoch = config["EPOCHS"] > 1
     args = TrainingArguments(
-        output_dir=str(checkpoints),
+        output_dir=str(output_dir),
         num_train_epochs=config["EPOCHS"],
         per_device_train_batch_size=config["BATCH_SIZE"],
         per_device_eval_batch_size=2 * config["BATCH_SIZE"],  # no gradients, so twice the batch fits
@@ -575,28 +621,41 @@ def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, prec
         save_total_limit=2,
         load_best_model_at_end=multi_epoch,
         metric_for_best_model="accuracy",
-        logging_steps=max(1, len(data["train"]) // config["BATCH_SIZE"] // 10),
+        logging_steps=max(1, len(data.get("train", [])) // config["BATCH_SIZE"] // 10),
         bf16=precision == "bf16",  # autocast: the weights, and so the saved adapter, stay fp32
         fp16=precision == "fp16",
         use_cpu=not has_gpu,  # tells the Trainer to run CPU autocast, and DDP over gloo under torchrun
         ddp_find_unused_parameters=False,  # every trainable weight (LoRA, head) is used each step: skip the graph walk
         dataloader_num_workers=4 if has_gpu else 0,  # on CPU workers compete with the math for 2 cores
         seed=config["SEED"],
-        report_to="none",
-        disable_tqdm=quiet or not main,
+        report_to=config["REPORT_TO"],
+        disable_tqdm=quiet or rank_and_world()[0] > 0,
     )
-    interrupt = interrupt_callback()
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"].sort("length"),
+    trainer = Trainer(model=model, args=args, train_dataset=data.get("train"),
+                      eval_dataset=data["test"].sort("length"),  # less padding; the order does not change metrics
                       data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if has_gpu else None),
-                      processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[interrupt])
+                      processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=list(callbacks))
     if quiet:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    if interrupt.interrupted:
-        log.warning(f"Checkpoint saved in {checkpoints}; run the same command again to resume, "
-                    f"or pass --fresh to start over")
-        raise SystemExit(130)
-    return trainer, result.metrics
+    return trainer
+
+
+def check_tracker(report_to: str, output_dir: Path) -> None:
+    """Fail fast, in one line, on a tracker the Trainer does not know or whose package is missing."""
+    import importlib.util
+
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    if report_to in ("none", "all"):
+        return
+    if report_to not in INTEGRATION_TO_CALLBACK:
+        raise InputError(f"unknown REPORT_TO {report_to!r}; use none, all or one of: "
+                         f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+    module, package = TRACKER_PACKAGES.get(report_to, (report_to, report_to))
+    if importlib.util.find_spec(module) is None:
+        raise InputError(f"REPORT_TO {report_to!r} needs a package that is not installed: pip install {package}")
+    if report_to == "tensorboard":  # the Trainer's default is inside checkpoints/, which a finished run removes
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / "runs")
 
 
 def evaluate(trainer) -> dict:
@@ -682,7 +741,8 @@ def save_outputs(model, tokenizer, metrics: dict, history: list, output_dir: Pat
     """Write adapter/, metrics.json, training.png (and merged/) so an earlier run's files survive a crash."""
     paths = {"adapter": output_dir / "adapter", "metrics": output_dir / "metrics.json"}
     tokenizer.init_kwargs["id2label"] = model.config.id2label  # an adapter folder has no model config to hold them
-    write_dir(paths["adapter"], lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    write_dir(paths["adapter"], lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp),
+                                             write_card(Path(tmp), paths["adapter"], metrics, "peft")))
     write_json(paths["metrics"], metrics | {"history": history})
     plot = save_plot(history, metrics["confusion_matrix"], list(model.config.id2label.values()),
                      output_dir / "training.png")
@@ -691,8 +751,71 @@ def save_outputs(model, tokenizer, metrics: dict, history: list, output_dir: Pat
     if merge:  # last: merging folds LoRA into the base weights of this in-memory model
         merged = model.merge_and_unload()
         paths["merged"] = output_dir / "merged"
-        write_dir(paths["merged"], lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+        write_dir(paths["merged"], lambda tmp: (merged.save_pretrained(tmp), tokenizer.save_pretrained(tmp),
+                                                write_card(Path(tmp), paths["merged"], metrics, "transformers")))
     return paths
+
+
+def write_card(folder: Path, where: Path, metrics: dict, library: str) -> None:
+    """Replace peft's empty template in folder (to become where) with a filled model card and hub metadata."""
+    config, names = metrics["config"], list(metrics["labels"])
+    data, base = json.dumps(config["DATASET_NAME"]), json.dumps(config["MODEL_NAME"])
+    labels = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    load = {"peft": f"""classify = pipeline("text-classification", model="{where}", model_kwargs=labels)
+# or, with peft's own class:
+from peft import AutoPeftModelForSequenceClassification
+from transformers import AutoTokenizer
+model = AutoPeftModelForSequenceClassification.from_pretrained("{where}", **labels)
+classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained("{where}"))""",
+            "transformers": f'classify = pipeline("text-classification", model="{where}")'}[library]
+    rows = "\n".join(f"| {k.removeprefix('eval_')} | {metrics[k]:.4f} |" for k in
+                     ("eval_accuracy", "eval_f1", "eval_precision", "eval_recall", "eval_loss"))
+    (folder / "README.md").write_text(f"""---
+base_model: {base}
+library_name: {library}
+pipeline_tag: text-classification
+tags: [sentiment-analysis, lora, fine_tune_sentiment]
+model-index:
+- name: {json.dumps(f"{config['MODEL_NAME']} LoRA sentiment")}
+  results:
+  - task: {{type: text-classification, name: Text Classification}}
+    dataset: {{name: {data}, type: {data}, split: test}}
+    metrics:
+    - {{type: accuracy, value: {metrics['eval_accuracy']}}}
+    - {{type: f1, value: {metrics['eval_f1']}{', args: {average: macro}' if len(names) > 2 else ''}}}
+---
+
+# LoRA sentiment adapter for `{config['MODEL_NAME']}`
+
+Trained by `fine_tune_sentiment.py` on {metrics['date']}: a LoRA adapter plus a fully trained classification head{
+', here merged into the base weights (no peft needed)' if library == 'transformers' else ''}.
+
+- **Labels:** {', '.join(f'{i} = {name}' for i, name in enumerate(names))}
+- **Data:** `{config['DATASET_NAME']}`, {metrics['train_samples']:,} training and {metrics['eval_samples']:,} evaluation \
+rows; reviews longer than {config['MAX_LENGTH']} tokens cut as `{config['TRUNCATION']}`
+- **LoRA:** r={config['LORA_R']}, alpha={config['LORA_ALPHA']}, dropout={config['LORA_DROPOUT']}, targets \
+{metrics['lora_targets']}; {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters trained
+- **Training:** {config['EPOCHS']} epoch(s), batch size {config['BATCH_SIZE']} x {metrics['world_size']} process(es), \
+learning rate {config['LEARNING_RATE']}, precision {metrics['precision']}, on {metrics['device']}
+
+## Evaluation ({metrics['eval_samples']:,} rows, {metrics['date']})
+
+| metric | value |
+|---|---|
+{rows}
+
+## How to use
+
+```python
+from transformers import pipeline
+labels = {labels!r}
+{load}
+classify("This movie was fantastic!")
+```
+
+`pipeline()` cuts reviews longer than {config['MAX_LENGTH']} tokens at the head only; `fine_tune_sentiment.py
+--predict` cuts them as training did (`{config['TRUNCATION']}`).
+""")
 
 
 def save_plot(history: list, matrix: list, names: list[str], path: Path) -> Path | None:
@@ -797,6 +920,135 @@ def run_predict(config: dict, texts: list[str]) -> None:
     print_predictions(reviews, predict(model, tokenizer, reviews, precision=precision))
 
 
+def run_eval_only(config: dict, quiet: bool) -> dict:
+    """--eval-only: evaluate the saved adapter on DATASET_NAME without training; write OUTPUT_DIR/eval_metrics.json."""
+    import tempfile
+
+    output_dir = Path(config["OUTPUT_DIR"])
+    model, tokenizer = load_adapter(output_dir / "adapter")
+    has_gpu, whole = model.device.type == "cuda", config["EVAL_SAMPLES"] is None  # unset: every row, not the preset's
+    apply_preset(config, has_gpu)
+    data = prepare_data(load_raw_data(config["DATASET_NAME"]), config["TEXT_COLUMN"], config["LABEL_COLUMN"],
+                        config["SEED"], names=list(model.config.id2label.values()))
+    data["test"] = subsample(data["test"], 0 if whole else config["EVAL_SAMPLES"], config["SEED"], "test")
+    precision, _ = resolve_precision(config["PRECISION"], has_gpu, model.config.hidden_size)
+    with tempfile.TemporaryDirectory() as scratch:  # the Trainer wants a folder; this run leaves nothing in it
+        trainer = make_trainer(model, tokenizer, tokenize(data, tokenizer), config | {"REPORT_TO": "none"}, has_gpu,
+                               precision, quiet, Path(scratch))
+        metrics = evaluate(trainer) | {"eval_samples": len(data["test"]), "dataset": config["DATASET_NAME"],
+                                       "adapter": str((output_dir / "adapter").resolve()), "precision": precision,
+                                       "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    print_metrics(metrics)
+    write_json(output_dir / "eval_metrics.json", metrics)  # never metrics.json: that one describes the training
+    log.info(f"Done: accuracy {metrics['eval_accuracy']:.4f} on {len(data['test'])} rows | "
+             f"eval_metrics: {output_dir / 'eval_metrics.json'}")
+    return metrics
+
+
+def read_chunks(path: Path, text_column: str, rows: int = 10_000):
+    """Yield a data file as DataFrames of at most `rows` rows, in order; csv and tsv values stay text as written."""
+    import pandas as pd
+
+    kind = path.suffix.lower()
+    if kind in (".csv", ".tsv"):
+        yield from pd.read_csv(path, sep="\t" if kind == ".tsv" else ",", dtype=str, keep_default_na=False,
+                               chunksize=rows)
+    elif kind == ".jsonl":
+        yield from pd.read_json(path, lines=True, dtype=False, chunksize=rows)
+    elif kind == ".json":  # one JSON array cannot be read in pieces; .jsonl can
+        frame = pd.read_json(path, dtype=False)
+        yield from (frame[start:start + rows] for start in range(0, max(len(frame), 1), rows))
+    elif kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from (batch.to_pandas() for batch in pq.ParquetFile(path).iter_batches(batch_size=rows))
+    else:  # .txt: one review per line
+        with open(path, encoding="utf-8", errors="replace", newline="") as lines:
+            while chunk := [line.rstrip("\r\n") for line in itertools.islice(lines, rows)]:
+                yield pd.DataFrame({text_column: chunk})
+
+
+@contextmanager
+def open_writer(path: Path, kind: str):
+    """Yield write(frame), which appends rows to path as csv, jsonl or parquet (kind); close it at the end."""
+    if kind == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        writer = None
+
+        def write(frame):
+            nonlocal writer
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            writer = writer or pq.ParquetWriter(path, table.schema)
+            writer.write_table(table.cast(writer.schema))
+
+        try:
+            yield write
+        finally:
+            if writer:
+                writer.close()
+        return
+    with open(path, "w", encoding="utf-8", newline="") as out:
+        def write(frame):
+            if kind == ".csv":
+                frame.to_csv(out, header=out.tell() == 0, index=False)
+            elif len(frame):
+                out.write(frame.to_json(orient="records", lines=True, force_ascii=False).rstrip("\n") + "\n")
+
+        yield write
+
+
+def run_predict_file(config: dict, source: str, target: str | None, quiet: bool) -> None:
+    """--predict-file: score every row of a file with the saved adapter, streaming, into --predictions."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    source = Path(source).expanduser()
+    target = Path(target).expanduser() if target else Path(config["OUTPUT_DIR"]) / "predictions.csv"
+    if not source.is_file():
+        raise InputError(f"input file {str(source)!r} does not exist")
+    if source.suffix.lower() not in PREDICT_FILE_TYPES:
+        raise InputError(f"input file {str(source)!r} must end in one of {', '.join(PREDICT_FILE_TYPES)}")
+    if target.suffix.lower() not in PREDICTIONS_FILE_TYPES:
+        raise InputError(f"--predictions {str(target)!r} must end in one of {', '.join(PREDICTIONS_FILE_TYPES)}")
+    if not target.parent.is_dir():
+        raise InputError(f"the folder of --predictions {str(target)!r} does not exist")
+    if target.resolve() == source.resolve():
+        raise InputError("--predictions must not be the input file")
+    column = config["TEXT_COLUMN"]
+    chunks = read_chunks(source, column)
+    try:
+        first = next(chunks)
+    except (ValueError, pd.errors.ParserError, StopIteration) as error:  # empty, or not the format its name says
+        raise InputError(f"could not read {str(source)!r}: {one_line(error) if str(error) else 'no rows'}") from error
+    if column not in first.columns:
+        raise InputError(f"text column {column!r} not found in {str(source)!r}; it has columns: "
+                         f"{', '.join(map(str, first.columns))} (set --text-column)")
+    model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
+    precision, _ = resolve_precision(config["PRECISION"], model.device.type == "cuda", model.config.hidden_size)
+    batch_size = 2 * (config["BATCH_SIZE"] or PRESETS["cpu"]["BATCH_SIZE"])  # as the Trainer's evaluation
+    tmp, rows, empty, started = target.with_name(f".{target.name}.tmp"), 0, 0, time.perf_counter()
+    try:
+        with open_writer(tmp, target.suffix.lower()) as write, tqdm(unit=" rows", disable=quiet) as bar:
+            for chunk in itertools.chain([first], chunks):
+                usable = [isinstance(t, str) and bool(t.strip()) for t in chunk[column]]
+                scored = iter(predict(model, tokenizer, list(chunk[column][usable]), batch_size, precision))
+                pairs = [next(scored) if ok else (None, None) for ok in usable]  # typed: a chunk may be all empty
+                write(chunk.assign(predicted_label=pd.Series([p[0] for p in pairs], dtype="string", index=chunk.index),
+                                   predicted_score=pd.Series([p[1] for p in pairs], dtype="float64",
+                                                             index=chunk.index)))
+                rows, empty = rows + len(chunk), empty + usable.count(False)
+                bar.update(len(chunk))
+        os.replace(tmp, target)  # only a complete file takes the name; an earlier one stays until then
+    finally:
+        tmp.unlink(missing_ok=True)
+    if empty:
+        log.warning(f"warning: {empty} of {rows} rows have no text; their predicted_label and predicted_score are empty")
+    seconds = time.perf_counter() - started
+    print(f"Scored {rows} rows in {seconds:.1f}s ({rows / max(seconds, 1e-9):.0f} rows/s): {target}")
+
+
 def run_training(config: dict, args: argparse.Namespace) -> dict:
     """Load data and model, train, evaluate, save and print; return the metrics."""
     import torch
@@ -809,6 +1061,7 @@ def run_training(config: dict, args: argparse.Namespace) -> dict:
     log.info(f"Preset: {preset} ({'CUDA: ' + device if has_gpu else 'no GPU found'}); "
              f"settings: {json.dumps({k: v for k, v in config.items() if k != 'SAMPLE_REVIEWS'})}")
     set_seed(config["SEED"])
+    check_tracker(config["REPORT_TO"], Path(config["OUTPUT_DIR"]))
     with main_process_first():  # downloads and dataset caches are written once, then read by the other processes
         check_source(config["MODEL_NAME"], "model")
         data = prepare_data(load_raw_data(config["DATASET_NAME"]), config["TEXT_COLUMN"], config["LABEL_COLUMN"],
@@ -834,7 +1087,9 @@ def run_training(config: dict, args: argparse.Namespace) -> dict:
         "train_samples_per_second": round(train_metrics["train_samples_per_second"], 2),
         "trainable_params": trainable, "total_params": total,
         "device": device, "preset": preset, "precision": precision, "bf16_speedup": speedup and round(speedup, 2),
-        "world_size": world, "backend": backend, "config": config}  # throughputs are totals over the processes
+        "world_size": world, "backend": backend, "labels": list(model.config.id2label.values()),
+        "lora_targets": sorted(model.peft_config["default"].target_modules), "date": time.strftime("%Y-%m-%d"),
+        "config": config}  # throughputs are totals over the processes
     if rank:
         return metrics  # the main process prints and saves
     print_metrics(metrics)
@@ -856,12 +1111,22 @@ def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
     setup_logging(args.quiet)
     try:
-        if args.predict and rank_and_world()[1] > 1:
-            raise InputError("--predict runs in one process; run it with python, not torchrun")
+        if (args.predict or args.eval_only or args.predict_file) and rank_and_world()[1] > 1:
+            raise InputError("--predict, --eval-only and --predict-file run in one process; run them with python, "
+                             "not torchrun")
+        if args.predictions and not args.predict_file:
+            raise InputError("--predictions names the output of --predict-file; pass --predict-file IN too")
         if args.predict:
             run_predict(config, args.predict)
+        elif args.eval_only:
+            run_eval_only(config, args.quiet)
+        elif args.predict_file:
+            run_predict_file(config, args.predict_file, args.predictions, args.quiet)
         else:
             run_training(config, args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except InputError as error:
         if args.debug:
             raise

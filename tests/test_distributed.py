@@ -97,7 +97,8 @@ def test_an_error_ends_every_process_with_one_line(run_args, tmp_path):
     assert "[rank1]" not in result.stderr
 
 
-def test_predict_refuses_torchrun(monkeypatch, capsys, tmp_path):
+@pytest.mark.parametrize("mode", [["--predict", "fine"], ["--eval-only"], ["--predict-file", "in.csv"]])
+def test_inference_modes_refuse_torchrun(monkeypatch, capsys, tmp_path, mode):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert fts.main(["--output-dir", str(tmp_path), "--predict", "fine"]) == 2
-    assert "run it with python, not torchrun" in capsys.readouterr().err
+    assert fts.main(["--output-dir", str(tmp_path), *mode]) == 2
+    assert "run in one process; run them with python, not torchrun" in capsys.readouterr().err

@@ -162,7 +162,7 @@ def test_changed_settings_refuse_to_resume_until_fresh(run_args, capsys):
 
 
 def test_sigterm_leaves_a_checkpoint_and_rerun_resumes(run_args, tmp_path):
-    args = with_flag(run_args, "--output-dir", str(tmp_path / "resumed")) + ["--epochs", "6", "--batch-size", "4"]
+    args = with_flag(run_args, "--output-dir", str(tmp_path / "resumed")) + ["--epochs", "3", "--batch-size", "4"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     process = subprocess.Popen([sys.executable, SCRIPT, *args, "--quiet"], stderr=subprocess.PIPE, env=env)
     checkpoints = tmp_path / "resumed" / "checkpoints"

@@ -19,26 +19,6 @@ SCRIPT = str(Path(fts.__file__))
 REVIEWS = ["the movie was great and wonderful", "awful boring plot , the worst", ""]
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_model, imdb_folder, tmp_path_factory) -> dict:
-    """One full run (4 epochs, --merge) shared by the tests that only read its outputs."""
-    out = tmp_path_factory.mktemp("run") / "out"
-    args = ["--model-name", tiny_model, "--dataset-name", imdb_folder, "--output-dir", str(out),
-            "--train-samples", "0", "--eval-samples", "0", "--max-length", "32", "--epochs", "4",
-            "--batch-size", "16", "--learning-rate", "0.01", "--lora-dropout", "0", "--warmup", "0", "--merge"]
-    fts.setup_logging(quiet=True)
-    from transformers import set_seed
-    set_seed(42)  # the same seed main() uses, so this is the model main() starts from
-    untrained = fts.build_model(tiny_model, None, 8, 16, 0.0)
-    tokenizer = fts.load_tokenizer(tiny_model, 32, None)
-    test = pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*")))
-    guesses = fts.predict(untrained, tokenizer, list(test.text))
-    untrained_accuracy = sum((label == "POSITIVE") == bool(y) for (label, _), y in zip(guesses, test.label)) / len(test)
-    assert fts.main(args) == 0
-    return {"out": out, "metrics": json.loads((out / "metrics.json").read_text()), "args": args,
-            "untrained_accuracy": untrained_accuracy}
-
-
 def test_metrics_json_has_every_field_and_both_classes(trained):
     metrics = trained["metrics"]
     for key in ("eval_accuracy", "eval_loss", "eval_f1", "eval_precision", "eval_recall", "confusion_matrix",

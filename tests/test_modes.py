@@ -1,0 +1,170 @@
+"""Using a trained adapter: --eval-only, --predict-file, the model card; and early stopping and TensorBoard."""
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+import fine_tune_sentiment as fts
+from conftest import make_reviews
+from test_errors import fails_with
+
+OUTPUTS = ("adapter", "merged", "metrics.json", "training.png")
+
+
+def digest(path: Path) -> str:
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files if f.is_file())).hexdigest()
+
+
+def test_eval_only_on_a_dataset_folder_matches_training_and_touches_nothing(trained, imdb_folder, capsys):
+    out = trained["out"]
+    before = {name: digest(out / name) for name in OUTPUTS}
+    assert fts.main(["--output-dir", str(out), "--dataset-name", imdb_folder, "--eval-only"]) == 0
+    result = json.loads((out / "eval_metrics.json").read_text())
+    assert result["eval_accuracy"] == trained["metrics"]["eval_accuracy"]  # same adapter, same 200 test rows
+    assert result["eval_samples"] == sum(map(sum, result["confusion_matrix"])) == 200
+    assert result["dataset"] == imdb_folder and result["adapter"] == str((out / "adapter").resolve())
+    assert "=== eval metrics ===" in capsys.readouterr().out
+    assert {name: digest(out / name) for name in OUTPUTS} == before
+
+
+def test_eval_only_on_one_csv_with_string_labels(trained, tmp_path, capsys):
+    rows = [(text, ["negative", "positive"][label]) for text, label in make_reviews(50, seed=9)]
+    rows += [("", "positive"), ("great film", None)]
+    path = tmp_path / "new.csv"
+    pd.DataFrame(rows, columns=["review", "sentiment"]).to_csv(path, index=False)
+    args = ["--output-dir", str(trained["out"]), "--dataset-name", str(path), "--eval-only", "--text-column",
+            "review", "--label-column", "sentiment"]
+    assert fts.main(args) == 0
+    result = json.loads((trained["out"] / "eval_metrics.json").read_text())
+    assert result["eval_samples"] == 50 and result["eval_accuracy"] >= 0.85  # the whole file: nothing held out
+    assert "Dropped 2 of 52 test rows" in capsys.readouterr().err
+
+
+def test_eval_only_refuses_labels_the_adapter_does_not_know(trained, tmp_path, capsys):
+    path = tmp_path / "three.csv"
+    pd.DataFrame({"text": ["great", "awful", "the plot"] * 3, "label": ["pos", "neg", "neutral"] * 3}).to_csv(path)
+    message = fails_with(["--output-dir", str(trained["out"]), "--dataset-name", str(path), "--eval-only"], capsys)
+    assert "labels the adapter does not know: ['neutral']" in message
+
+
+WRITE = {".csv": lambda f, p: f.to_csv(p, index=False), ".jsonl": lambda f, p: f.to_json(p, orient="records", lines=True),
+         ".parquet": lambda f, p: f.to_parquet(p, index=False)}
+READ = {".csv": lambda p: pd.read_csv(p, dtype={"id": str}), ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
+        ".parquet": pd.read_parquet}
+
+
+@pytest.mark.parametrize("kind", [".csv", ".jsonl", ".parquet"])
+def test_predict_file_keeps_rows_order_and_columns(trained, tmp_path, kind, capsys):
+    texts = [text for text, _ in make_reviews(30, seed=11)]
+    texts[3], texts[7], texts[20] = "", None, "   "
+    frame = pd.DataFrame({"id": [f"{i:03d}" for i in range(30)], "text": texts, "stars": range(30)})
+    source, target = tmp_path / f"in{kind}", tmp_path / f"out{kind}"
+    WRITE[kind](frame, source)
+    assert fts.main(["--output-dir", str(trained["out"]), "--predict-file", str(source), "--predictions",
+                     str(target)]) == 0
+    result = READ[kind](target)
+    assert list(result.columns) == ["id", "text", "stars", "predicted_label", "predicted_score"]
+    assert list(result["id"]) == list(frame["id"]) and list(result["stars"]) == list(frame["stars"])
+    empty = result["predicted_label"].isna()
+    assert list(empty[empty].index) == [3, 7, 20] and result["predicted_score"][empty].isna().all()
+    usable = [t for t in texts if t and t.strip()]
+    expected = fts.predict(*fts.load_adapter(trained["out"] / "adapter"), usable)
+    assert list(result["predicted_label"][~empty]) == [label for label, _ in expected]
+    assert result["predicted_score"][~empty].tolist() == pytest.approx([score for _, score in expected], abs=1e-6)
+    captured = capsys.readouterr()
+    assert "3 of 30 rows have no text" in captured.err
+    assert captured.out.startswith("Scored 30 rows in ") and captured.out.strip().endswith(str(target))
+
+
+def test_read_chunks_streams_every_format_in_order(tmp_path):
+    frame = pd.DataFrame({"text": [f"review {i}" for i in range(7)], "n": range(7)})
+    for kind in (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt"):
+        path = tmp_path / f"data{kind}"
+        if kind == ".txt":
+            path.write_text("\n".join(frame.text) + "\n")
+        elif kind == ".tsv":
+            frame.to_csv(path, sep="\t", index=False)
+        elif kind == ".json":
+            frame.to_json(path, orient="records")
+        else:
+            WRITE[kind](frame, path)
+        chunks = list(fts.read_chunks(path, "text", rows=3))
+        assert [len(c) for c in chunks] == [3, 3, 1], kind
+        assert [str(t) for c in chunks for t in c["text"]] == list(frame.text), kind
+
+
+@pytest.mark.parametrize("stop", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_a_failed_or_interrupted_predict_file_leaves_no_partial_output(trained, tmp_path, monkeypatch, stop):
+    source, target = tmp_path / "in.csv", tmp_path / "out.csv"
+    pd.DataFrame({"text": ["great film", "awful film"]}).to_csv(source, index=False)
+    target.write_text("the previous predictions\n")
+
+    def breaks(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(fts, "predict", breaks)
+    args = ["--output-dir", str(trained["out"]), "--predict-file", str(source), "--predictions", str(target)]
+    if isinstance(stop, KeyboardInterrupt):
+        assert fts.main(args) == 130
+    else:
+        with pytest.raises(RuntimeError, match="disk full"):
+            fts.main(args)
+    assert target.read_text() == "the previous predictions\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "out.csv"]
+
+
+def test_predict_file_errors(trained, tmp_path, capsys):
+    (tmp_path / "in.csv").write_text("review,label\nfine,1\n")
+    (tmp_path / "in.xml").write_text("<a/>")
+    base = ["--output-dir", str(trained["out"]), "--predict-file"]
+    assert "does not exist" in fails_with(base + [str(tmp_path / "none.csv")], capsys)
+    assert "must end in one of .csv, .tsv" in fails_with(base + [str(tmp_path / "in.xml")], capsys)
+    message = fails_with(base + [str(tmp_path / "in.csv")], capsys)
+    assert "text column 'text' not found" in message and "it has columns: review, label" in message
+    message = fails_with(base + [str(tmp_path / "in.csv"), "--predictions", str(tmp_path / "no" / "o.csv")], capsys)
+    assert "folder of --predictions" in message and "does not exist" in message
+
+
+def test_model_card(trained):
+    metrics = trained["metrics"]
+    for folder, library in (("adapter", "peft"), ("merged", "transformers")):
+        text = (trained["out"] / folder / "README.md").read_text()
+        header = yaml.safe_load(text.split("---")[1])
+        assert header["library_name"] == library and header["pipeline_tag"] == "text-classification"
+        assert header["base_model"] == metrics["config"]["MODEL_NAME"]
+        result = header["model-index"][0]["results"][0]
+        assert {m["type"]: m["value"] for m in result["metrics"]} == {"accuracy": metrics["eval_accuracy"],
+                                                                      "f1": metrics["eval_f1"]}
+        assert "[More Information Needed]" not in text and "0 = NEGATIVE, 1 = POSITIVE" in text
+        assert f"r={metrics['config']['LORA_R']}, alpha=" in text and metrics["date"] in text
+        assert f"| accuracy | {metrics['eval_accuracy']:.4f} |" in text
+
+
+def test_early_stopping_ends_before_the_last_epoch(run_args, tmp_path):
+    args = run_args + ["--train-samples", "64", "--epochs", "12", "--early-stopping", "1", "--output-dir",
+                       str(tmp_path / "out"), "--quiet"]
+    assert fts.main(args) == 0
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    evaluations = [h for h in metrics["history"] if "eval_accuracy" in h]
+    assert 2 <= len(evaluations) < 12
+    assert metrics["eval_accuracy"] == max(h["eval_accuracy"] for h in evaluations)  # the best epoch is kept
+
+
+def test_tensorboard_writes_event_files(run_args, tmp_path):
+    assert fts.main(run_args + ["--epochs", "1", "--report-to", "tensorboard", "--quiet"]) == 0
+    out = Path(run_args[run_args.index("--output-dir") + 1])
+    assert list((out / "runs").rglob("events.out.tfevents.*"))
+    assert not (out / "checkpoints").exists()
+
+
+def test_unknown_or_missing_tracker(run_args, capsys):
+    assert "unknown REPORT_TO 'nope'" in fails_with(run_args + ["--report-to", "nope"], capsys)
+    missing = next(name for name in ("wandb", "mlflow", "clearml", "dvclive") if importlib.util.find_spec(name) is None)
+    assert f"needs a package that is not installed: pip install {missing}" in fails_with(
+        run_args + ["--report-to", missing], capsys)
