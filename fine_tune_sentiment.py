@@ -1,13 +1,16 @@
-"""Fine-tune a pretrained transformer for binary sentiment with LoRA, in one readable file.
+"""Fine-tune a pretrained transformer for sentiment with LoRA, in one readable file.
 
 Loads IMDB, tokenizes it for DistilBERT, wraps the model in a PEFT LoRA adapter (about 1% of the
-weights train, the classification head included), trains with the Hugging Face Trainer, reports
-accuracy, F1, loss and the confusion matrix, prints sample predictions and saves a reusable adapter.
+weights train, the classification head included), trains with the Hugging Face Trainer in the precision
+this hardware is fast at, reports accuracy, F1, loss and the confusion matrix, prints sample predictions
+and saves a reusable adapter. Two classes or more, as the data says; long reviews keep head and tail.
 
     python fine_tune_sentiment.py                                   # sized for this machine (preset printed)
     python fine_tune_sentiment.py --train-samples 4000 --epochs 2   # every constant below is a flag
+    torchrun --nproc_per_node 2 fine_tune_sentiment.py              # the same, on 2 processes or GPUs
     python fine_tune_sentiment.py --predict "This movie was fantastic!"  # reuse the saved adapter
-    cat reviews.txt | python fine_tune_sentiment.py --predict -          # one review per line
+    python fine_tune_sentiment.py --eval-only --dataset-name new.csv     # evaluate it on new data
+    python fine_tune_sentiment.py --predict-file in.csv --predictions out.csv  # score a whole file
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ if TYPE_CHECKING:
 MODEL_NAME: str = "distilbert-base-uncased"  # hub id, or a local folder with config, safetensors weights and tokenizer
 DATASET_NAME: str = "imdb"  # hub id, local dataset folder, .csv/.json/.jsonl/.parquet file, or the aclImdb/ folder
 TEXT_COLUMN: str = "text"  # column holding the review text
-LABEL_COLUMN: str = "label"  # column holding 0/1 or neg/pos, negative/positive labels
+LABEL_COLUMN: str = "label"  # column holding the classes: 0/1, neg/pos, negative/neutral/positive, any names or ints
 # sizes (None = the preset for this hardware, printed at start; 0 = every row)
 TRAIN_SAMPLES: int | None = None  # training rows, drawn after a seeded shuffle (IMDB is sorted by label)
 EVAL_SAMPLES: int | None = None  # evaluation rows from the test split, drawn the same way
@@ -59,7 +62,7 @@ LORA_ALPHA: int = 16  # update scale is alpha / r; 2 * r is the usual choice
 LORA_DROPOUT: float = 0.1  # dropout on the LoRA branch input
 TARGET_MODULES: list[str] | None = None  # None = q_lin v_lin (DistilBERT) or query value (BERT); or all-linear
 # speed
-PRECISION: str = "auto"  # auto, fp32, bf16 or fp16; auto = bf16 where measured fast here (GPU: bf16, else fp16), else fp32
+PRECISION: str = "auto"  # auto (bf16 where measured fast; GPU: bf16, else fp16; else fp32), fp32, bf16 or fp16
 # run
 SEED: int = 42  # seeds shuffling, subsets, LoRA init and dropout: same seed, same CPU result
 OUTPUT_DIR: str = "outputs"  # gets adapter/, metrics.json, training.png, checkpoints/ while training
@@ -79,12 +82,11 @@ PRESETS = {  # fills the settings left at None; a value set in the file or on th
 DEFAULT_TARGETS = {"distilbert": ["q_lin", "v_lin"], "bert": ["query", "value"], "roberta": ["query", "value"]}
 HEAD_MODULES = {"distilbert": ["pre_classifier", "classifier"], "bert": ["pooler", "classifier"]}  # trained + saved
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
-LABEL2ID = {name: i for i, name in ID2LABEL.items()}
 SENTIMENT_NAMES = {"neg": "negative", "negative": "negative", "neu": "neutral", "neutral": "neutral",
                    "pos": "positive", "positive": "positive"}  # string labels read as these, case-insensitively
 SENTIMENT_ORDER = ["negative", "neutral", "positive"]  # their class order; other names follow, sorted
 MAX_CLASSES = 100  # more is probably the wrong column
-CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "TRUNCATION": ("head+tail", "head")}  # settings that take one of a few words
+CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "TRUNCATION": ("head+tail", "head")}  # one of a few words
 FAST_BF16 = 1.3  # auto picks bf16 on a CPU only where its matmuls measured at least this much faster than fp32
 TRACKER_PACKAGES = {"comet_ml": ("comet_ml", "comet-ml"), "azure_ml": ("azureml", "azureml-core")}  # else name, name
 PREDICT_FILE_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")  # --predict-file reads these
@@ -238,7 +240,7 @@ def choose_precision(requested: str, has_gpu: bool, gpu_has_bf16: bool = False, 
     if requested == "fp16":
         raise InputError("fp16 needs a GPU (CPU autocast runs bf16 only); use --precision bf16, fp32 or auto")
     fast = speedup is not None and speedup >= FAST_BF16
-    if requested == "bf16" and not fast:
+    if requested == "bf16" and speedup is not None and not fast:
         log.warning(f"warning: bf16 on this CPU measured {speedup:.2f}x the speed of fp32; training will be slow "
                     f"(--precision auto picks the faster one)")
     return "bf16" if requested == "bf16" or (requested == "auto" and fast) else "fp32"
@@ -626,6 +628,7 @@ def make_trainer(model, tokenizer, data: DatasetDict, config: dict, has_gpu: boo
         fp16=precision == "fp16",
         use_cpu=not has_gpu,  # tells the Trainer to run CPU autocast, and DDP over gloo under torchrun
         ddp_find_unused_parameters=False,  # every trainable weight (LoRA, head) is used each step: skip the graph walk
+        average_tokens_across_devices=False,  # the loss is a mean per process already; else x N processes (peft)
         dataloader_num_workers=4 if has_gpu else 0,  # on CPU workers compete with the math for 2 cores
         seed=config["SEED"],
         report_to=config["REPORT_TO"],
@@ -791,8 +794,8 @@ Trained by `fine_tune_sentiment.py` on {metrics['date']}: a LoRA adapter plus a 
 ', here merged into the base weights (no peft needed)' if library == 'transformers' else ''}.
 
 - **Labels:** {', '.join(f'{i} = {name}' for i, name in enumerate(names))}
-- **Data:** `{config['DATASET_NAME']}`, {metrics['train_samples']:,} training and {metrics['eval_samples']:,} evaluation \
-rows; reviews longer than {config['MAX_LENGTH']} tokens cut as `{config['TRUNCATION']}`
+- **Data:** `{config['DATASET_NAME']}`, {metrics['train_samples']:,} training and \
+{metrics['eval_samples']:,} evaluation rows; reviews longer than {config['MAX_LENGTH']} tokens cut as `{config['TRUNCATION']}`
 - **LoRA:** r={config['LORA_R']}, alpha={config['LORA_ALPHA']}, dropout={config['LORA_DROPOUT']}, targets \
 {metrics['lora_targets']}; {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters trained
 - **Training:** {config['EPOCHS']} epoch(s), batch size {config['BATCH_SIZE']} x {metrics['world_size']} process(es), \
@@ -1044,7 +1047,8 @@ def run_predict_file(config: dict, source: str, target: str | None, quiet: bool)
     finally:
         tmp.unlink(missing_ok=True)
     if empty:
-        log.warning(f"warning: {empty} of {rows} rows have no text; their predicted_label and predicted_score are empty")
+        log.warning(f"warning: {empty} of {rows} rows have no text; their predicted_label and predicted_score "
+                    f"are empty")
     seconds = time.perf_counter() - started
     print(f"Scored {rows} rows in {seconds:.1f}s ({rows / max(seconds, 1e-9):.0f} rows/s): {target}")
 

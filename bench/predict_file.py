@@ -41,8 +41,8 @@ def main() -> None:
     work = WORK / "predict-file"
     (work / "eval").mkdir(parents=True, exist_ok=True)
     sentences[:2000].to_parquet(work / "eval" / "test.parquet", index=False)
-    run([sys.executable, "fine_tune_sentiment.py", "--output-dir", args.run, "--eval-only", "--dataset-name",
-         str(work / "eval"), "--quiet"])
+    run([sys.executable, "fine_tune_sentiment.py", "--output-dir", args.run, "--eval-only", "--batch-size", "32",
+         "--dataset-name", str(work / "eval"), "--quiet"])  # batches of 64, as --predict-file below
     trainer = json.loads((Path(args.run) / "eval_metrics.json").read_text())["eval_samples_per_second"]
     print(f"CPU: {cpu_flags()}\nTrainer evaluation (--eval-only), 2,000 rows: {trainer:.1f} rows/s", flush=True)
     print("\n| rows | --predict-file rows/s | vs Trainer eval | peak RSS MiB |\n|---|---|---|---|")
@@ -50,7 +50,8 @@ def main() -> None:
         source = work / f"in-{rows}.csv"
         pd.concat([sentences] * (rows // len(sentences) + 1))[:rows].to_csv(source, index=False)
         out, peak = run([sys.executable, "fine_tune_sentiment.py", "--output-dir", args.run, "--predict-file",
-                         str(source), "--predictions", str(work / f"predictions-{rows}.csv"), "--quiet"])
+                         str(source), "--predictions", str(work / f"predictions-{rows}.csv"), "--quiet",
+                         "--batch-size", "32"])  # batches of 64, as the Trainer evaluated
         rate = float(out.split("(")[-1].split()[0])  # "Scored N rows in Ts (R rows/s): path"
         print(f"| {rows:,} | {rate:.1f} | {rate / trainer:.2f}x | {peak:.0f} |", flush=True)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +54,15 @@ def test_every_eval_row_counted_once(two_runs):
     assert metrics["world_size"] == 2 and metrics["backend"] == "gloo"
     assert metrics["eval_samples"] == sum(map(sum, metrics["confusion_matrix"])) == 200  # not 100, nor padded
     assert metrics["train_samples"] == 600
+
+
+def test_loss_is_the_one_process_loss_of_the_same_adapter(two_runs, imdb_folder, tmp_path):
+    shutil.copytree(two_runs["root"] / "two" / "adapter", tmp_path / "adapter")
+    assert fts.main(["--output-dir", str(tmp_path), "--dataset-name", imdb_folder, "--eval-only", "--quiet"]) == 0
+    alone = json.loads((tmp_path / "eval_metrics.json").read_text())
+    two = two_runs["metrics"]["two"]
+    assert two["eval_loss"] == pytest.approx(alone["eval_loss"], rel=0.02)  # not N times it; batch means differ
+    assert two["eval_accuracy"] == alone["eval_accuracy"]
 
 
 def test_accuracy_matches_one_process_and_a_reloaded_adapter(two_runs, imdb_folder):

@@ -67,7 +67,8 @@ def test_pipeline_runs_on_the_adapter_and_the_merged_model(trained):
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer, pipeline
 
-    adapter, labels = str(trained["out"] / "adapter"), {"id2label": fts.ID2LABEL, "label2id": fts.LABEL2ID}
+    adapter, labels = str(trained["out"] / "adapter"), {"id2label": fts.ID2LABEL,
+                                                  "label2id": {n: i for i, n in fts.ID2LABEL.items()}}
     model = AutoPeftModelForSequenceClassification.from_pretrained(adapter, **labels)  # as in the README
     from_peft = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained(adapter))
     from_folder = pipeline("text-classification", model=adapter, model_kwargs=labels)
