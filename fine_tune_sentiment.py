@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import signal
@@ -212,6 +213,17 @@ def from_main(value):
     return box[0]
 
 
+def cpu_may_have_fast_bf16() -> bool:
+    """False on an x86 Linux CPU whose flags lack avx512_bf16 and amx_bf16 (bf16 is emulated there, many times
+    slower, and its first use alone takes seconds); True where that is not ruled out, so the probe decides."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine().lower() not in ("x86_64", "amd64") or not cpuinfo.exists():
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("flags")), None)
+    return flags is None or bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 def bf16_speedup(width: int, seconds: float = 0.2) -> float:
     """Time width-wide matmuls on this CPU in fp32 and in bf16; return how many times faster bf16 ran."""
     import torch
@@ -240,9 +252,9 @@ def choose_precision(requested: str, has_gpu: bool, gpu_has_bf16: bool = False, 
     if requested == "fp16":
         raise InputError("fp16 needs a GPU (CPU autocast runs bf16 only); use --precision bf16, fp32 or auto")
     fast = speedup is not None and speedup >= FAST_BF16
-    if requested == "bf16" and speedup is not None and not fast:
-        log.warning(f"warning: bf16 on this CPU measured {speedup:.2f}x the speed of fp32; training will be slow "
-                    f"(--precision auto picks the faster one)")
+    if requested == "bf16" and not fast:
+        found = f"measured {speedup:.2f}x the speed of fp32" if speedup else "has no avx512_bf16 or amx_bf16"
+        log.warning(f"warning: bf16 on this CPU {found}; it will be slow (--precision auto picks the faster one)")
     return "bf16" if requested == "bf16" or (requested == "auto" and fast) else "fp32"
 
 
@@ -250,15 +262,18 @@ def resolve_precision(requested: str, has_gpu: bool, width: int) -> tuple[str, f
     """Measure what the hardware needs measured, then choose; return (precision, measured bf16 speedup or None)."""
     import torch
 
+    speedup, note = None, ""
     if has_gpu:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
-        speedup, precision = None, choose_precision(requested, True, torch.cuda.is_bf16_supported())
+        precision = choose_precision(requested, True, torch.cuda.is_bf16_supported())
     else:
-        probe = requested in ("auto", "bf16") and rank_and_world()[0] == 0  # timings differ between processes
-        speedup = from_main(bf16_speedup(width) if probe else None)
+        if requested in ("auto", "bf16") and not cpu_may_have_fast_bf16():
+            note = "; no avx512_bf16 or amx_bf16 in this CPU's flags, so bf16 was not timed"
+        elif requested in ("auto", "bf16"):  # the main process times; the others take its result
+            speedup = from_main(bf16_speedup(width) if rank_and_world()[0] == 0 else None)
+            note = f"; bf16 matmuls ran {speedup:.2f}x as fast as fp32 on this CPU"
         precision = choose_precision(requested, False, speedup=speedup)
-    measured = f"; bf16 matmuls ran {speedup:.2f}x as fast as fp32 on this CPU" if speedup else ""
-    log.info(f"Precision: {precision} ({requested}{measured})")
+    log.info(f"Precision: {precision} ({requested}{note})")
     return precision, speedup
 
 
