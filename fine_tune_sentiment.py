@@ -891,6 +891,11 @@ def local_or_hub(name: str) -> str:
     return str(path.resolve()) if path.exists() else name
 
 
+def short_names(targets: set | str) -> list[str]:
+    """LoRA's target modules as short names (all-linear lists every full path)."""
+    return [targets] if isinstance(targets, str) else sorted({name.split(".")[-1] for name in targets})
+
+
 def one_line(error: BaseException) -> str:
     """The first line of an exception message."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -1107,7 +1112,7 @@ def run_training(config: dict, args: argparse.Namespace) -> dict:
         "trainable_params": trainable, "total_params": total,
         "device": device, "preset": preset, "precision": precision, "bf16_speedup": speedup and round(speedup, 2),
         "world_size": world, "backend": backend, "labels": list(model.config.id2label.values()),
-        "lora_targets": sorted(model.peft_config["default"].target_modules), "date": time.strftime("%Y-%m-%d"),
+        "lora_targets": short_names(model.peft_config["default"].target_modules), "date": time.strftime("%Y-%m-%d"),
         "config": config}  # throughputs are totals over the processes
     if rank:
         return metrics  # the main process prints and saves
