@@ -172,6 +172,11 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def is_main() -> bool:
+    """True in the process that prints and saves: the only one, or rank 0 under torchrun."""
+    return rank_and_world()[0] == 0
+
+
 def join_processes(has_gpu: bool) -> str | None:
     """Under torchrun, join the process group (NCCL on GPUs, gloo on CPU) and share the cores; return the backend."""
     import torch
@@ -191,7 +196,7 @@ def main_process_first():
     """Run the block on the main process first (it writes the caches), then on the others (they read them)."""
     import torch.distributed as dist
 
-    together, main = dist.is_available() and dist.is_initialized(), rank_and_world()[0] == 0
+    together, main = dist.is_available() and dist.is_initialized(), is_main()
     if together and not main:
         try:
             dist.barrier()
@@ -270,7 +275,7 @@ def resolve_precision(requested: str, has_gpu: bool, width: int) -> tuple[str, f
         if requested in ("auto", "bf16") and not cpu_may_have_fast_bf16():
             note = "; no avx512_bf16 or amx_bf16 in this CPU's flags, so bf16 was not timed"
         elif requested in ("auto", "bf16"):  # the main process times; the others take its result
-            speedup = from_main(bf16_speedup(width) if rank_and_world()[0] == 0 else None)
+            speedup = from_main(bf16_speedup(width) if is_main() else None)
             note = f"; bf16 matmuls ran {speedup:.2f}x as fast as fp32 on this CPU"
         precision = choose_precision(requested, False, speedup=speedup)
     log.info(f"Precision: {precision} ({requested}{note})")
@@ -589,7 +594,7 @@ def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, prec
 
     checkpoints = Path(config["OUTPUT_DIR"]) / "checkpoints"
     run_file = checkpoints / "run_config.json"
-    main = rank_and_world()[0] == 0
+    main = is_main()
     with main_process_first():  # the main process decides (and cleans up); the others then see what it left
         if fresh and checkpoints.exists() and main:
             shutil.rmtree(checkpoints)
@@ -647,7 +652,7 @@ def make_trainer(model, tokenizer, data: DatasetDict, config: dict, has_gpu: boo
         dataloader_num_workers=4 if has_gpu else 0,  # on CPU workers compete with the math for 2 cores
         seed=config["SEED"],
         report_to=config["REPORT_TO"],
-        disable_tqdm=quiet or rank_and_world()[0] > 0,
+        disable_tqdm=quiet or not is_main(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=data.get("train"),
                       eval_dataset=data["test"].sort("length"),  # less padding; the order does not change metrics
@@ -753,6 +758,13 @@ def load_adapter(adapter_dir: Path):
     except OSError as error:  # e.g. the base model is a hub id and the hub is out of reach
         raise InputError(f"could not load the adapter in {adapter_dir}: {one_line(error)}") from error
     return model.to(device), tokenizer
+
+
+def load_for_inference(config: dict):
+    """What every inference mode starts with: the saved adapter, its tokenizer, and the precision to run them in."""
+    model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
+    precision, _ = resolve_precision(config["PRECISION"], model.device.type == "cuda", model.config.hidden_size)
+    return model, tokenizer, precision
 
 
 def save_outputs(model, tokenizer, metrics: dict, history: list, output_dir: Path, merge: bool) -> dict:
@@ -920,7 +932,7 @@ def setup_logging(quiet: bool) -> None:
     import transformers
 
     logging.basicConfig(format="%(message)s", stream=sys.stderr, force=True)
-    main = rank_and_world()[0] == 0
+    main = is_main()
     quiet = quiet or not main  # under torchrun only the main process reports; the others show only errors
     log.setLevel(logging.ERROR if not main else logging.WARNING if quiet else logging.INFO)
     transformers.logging.set_verbosity_error() if quiet else transformers.logging.set_verbosity_warning()
@@ -938,8 +950,7 @@ def run_predict(config: dict, texts: list[str]) -> None:
     reviews = read_stdin_reviews() if texts == ["-"] else texts
     if not reviews:
         raise InputError("no reviews on stdin; pass one review per line, or the texts after --predict")
-    model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
-    precision, _ = resolve_precision(config["PRECISION"], model.device.type == "cuda", model.config.hidden_size)
+    model, tokenizer, precision = load_for_inference(config)
     print_predictions(reviews, predict(model, tokenizer, reviews, precision=precision))
 
 
@@ -948,13 +959,12 @@ def run_eval_only(config: dict, quiet: bool) -> dict:
     import tempfile
 
     output_dir = Path(config["OUTPUT_DIR"])
-    model, tokenizer = load_adapter(output_dir / "adapter")
+    model, tokenizer, precision = load_for_inference(config)
     has_gpu, whole = model.device.type == "cuda", config["EVAL_SAMPLES"] is None  # unset: every row, not the preset's
     apply_preset(config, has_gpu)
     data = prepare_data(load_raw_data(config["DATASET_NAME"]), config["TEXT_COLUMN"], config["LABEL_COLUMN"],
                         config["SEED"], names=list(model.config.id2label.values()))
     data["test"] = subsample(data["test"], 0 if whole else config["EVAL_SAMPLES"], config["SEED"], "test")
-    precision, _ = resolve_precision(config["PRECISION"], has_gpu, model.config.hidden_size)
     with tempfile.TemporaryDirectory() as scratch:  # the Trainer wants a folder; this run leaves nothing in it
         trainer = make_trainer(model, tokenizer, tokenize(data, tokenizer), config | {"REPORT_TO": "none"}, has_gpu,
                                precision, quiet, Path(scratch))
@@ -1048,8 +1058,7 @@ def run_predict_file(config: dict, source: str, target: str | None, quiet: bool)
     if column not in first.columns:
         raise InputError(f"text column {column!r} not found in {str(source)!r}; it has columns: "
                          f"{', '.join(map(str, first.columns))} (set --text-column)")
-    model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
-    precision, _ = resolve_precision(config["PRECISION"], model.device.type == "cuda", model.config.hidden_size)
+    model, tokenizer, precision = load_for_inference(config)
     batch_size = 2 * (config["BATCH_SIZE"] or PRESETS["cpu"]["BATCH_SIZE"])  # as the Trainer's evaluation
     tmp, rows, empty, started = target.with_name(f".{target.name}.tmp"), 0, 0, time.perf_counter()
     try:
@@ -1154,7 +1163,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as error:
         if args.debug:
             raise
-        if rank_and_world()[0] == 0:  # the other processes meet the same input, so one message is enough
+        if is_main():  # the other processes meet the same input, so one message is enough
             print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
