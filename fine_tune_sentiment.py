@@ -182,7 +182,7 @@ def join_processes(has_gpu: bool) -> str | None:
     import torch
     from accelerate import PartialState
 
-    if rank_and_world()[1] == 1:
+    if "LOCAL_RANK" not in os.environ:  # a plain python run; torchrun sets it, also for one process
         return None
     PartialState(cpu=not has_gpu)  # what the Trainer does later; done now so data preparation can take turns
     if not has_gpu:  # torchrun gives each process 1 thread; a process should get its share of the cores
@@ -501,11 +501,17 @@ def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, 
                 lora_dropout: float, names: list[str] = tuple(ID2LABEL.values())):
     """Load the pretrained encoder with a head for the classes and wrap it in LoRA; the head trains fully."""
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    saved = AutoConfig.from_pretrained(model_name)
+    other_head = any(a.endswith("ForSequenceClassification") for a in saved.architectures or []) and \
+        saved.num_labels != len(names)  # e.g. an SST-2 checkpoint (2 labels) trained on 3 classes
+    if other_head:
+        log.warning(f"warning: the checkpoint's classification head has {saved.num_labels} labels and the data "
+                    f"has {len(names)} classes; training a new head")
     model = AutoModelForSequenceClassification.from_pretrained(
         model_name, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-        use_safetensors=True)
+        use_safetensors=True, ignore_mismatched_sizes=other_head)
     model_type = model.config.model_type
     targets = target_modules or DEFAULT_TARGETS.get(model_type)
     if targets is None:

@@ -91,13 +91,27 @@ def our_command(model: Path, data: Path, out: Path, extra: list[str] = ()) -> li
             "--quiet", *args, *extra]
 
 
-def cpu_flags() -> str:
-    """The CPU's name and which of CPU_FLAGS it has (Linux), for the table header."""
+def cpu_info() -> tuple[str, set]:
+    """The CPU's model name and its flags (Linux; elsewhere the platform's name and no flags)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     flags = set(next((line.split(":")[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     name = next((line.split(":")[1].strip() for line in info.splitlines() if line.startswith("model name")),
                 platform.processor())
-    return f"{name}, {os.cpu_count()} CPUs; " + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS)
+    return name, flags
+
+
+def cpu_class() -> str:
+    """The machine class every results table names: AMX, AVX-512 BF16, AVX2 (bf16 emulated), or other."""
+    flags = cpu_info()[1]
+    return ("AMX" if "amx_bf16" in flags else "AVX-512 BF16" if "avx512_bf16" in flags else "AVX2" if "avx2" in flags
+            else platform.machine())
+
+
+def cpu_flags() -> str:
+    """The CPU class, name and which of CPU_FLAGS it has, for the table header."""
+    name, flags = cpu_info()
+    return f"{cpu_class()} ({name}, {os.cpu_count()} CPUs; " + ", ".join(
+        f"{f} {'yes' if f in flags else 'no'}" for f in CPU_FLAGS) + ")"
 
 
 def main() -> None:

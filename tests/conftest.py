@@ -1,4 +1,9 @@
-"""Offline fixtures: a tiny DistilBERT with a small WordPiece vocab, and IMDB-shaped data built in tmp folders."""
+"""Offline fixtures: a tiny DistilBERT with a small WordPiece vocab, and IMDB-shaped data built in tmp folders.
+
+`pytest --precision bf16` runs every training and prediction in bf16 instead of fp32 (the default), whatever
+PRECISION=auto would pick on this CPU; `pytest --precision bf16 -m model` reruns only the tests that use the
+model, as .ci/run does, so both precisions are exercised on every machine.
+"""
 
 import json
 import os
@@ -14,12 +19,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import fine_tune_sentiment as fts  # noqa: E402
 
+GPU = torch.cuda.is_available()  # the suite runs on a GPU machine too (bench/gpu_check.py)
+DEVICE = torch.cuda.get_device_name() if GPU else "cpu"  # what metrics.json records
+PRESET = "gpu" if GPU else "cpu"
+PRECISION = "fp32"  # set from --precision in pytest_configure, before any test module is imported
+MODEL_FIXTURES = {"tiny_model", "trained", "run_args", "imdb_folder"}  # a test using one trains or predicts
 POSITIVE = ["great", "wonderful", "excellent", "fantastic", "loved", "brilliant"]
 NEGATIVE = ["awful", "terrible", "boring", "dull", "hated", "worst"]
 FILLER = ["the", "movie", "film", "was", "a", "plot", "acting", "story", "this", "it", "and", "really", "i"]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--precision", default="fp32", choices=("fp32", "bf16"),
+                     help="precision of every training and prediction in the suite (default fp32)")
+
+
+def pytest_configure(config):
+    global PRECISION
+    PRECISION = config.getoption("--precision")
+    config.addinivalue_line("markers", "model: trains or predicts with the tiny model (rerun with --precision bf16)")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if MODEL_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.model)
+
+
+def precision_flags() -> list[str]:
+    """The --precision flag for a run the suite starts in another process (torchrun, a resumed run)."""
+    return ["--precision", PRECISION]
+
+
+@pytest.fixture(autouse=True)
+def suite_precision(monkeypatch):
+    """Every main() call without --precision runs at the suite's precision, not at what auto picks here."""
+    monkeypatch.setattr(fts, "PRECISION", PRECISION)
 
 
 def make_reviews(n: int, seed: int) -> list[tuple[str, int]]:
@@ -52,7 +91,6 @@ def tiny_model(tmp_path_factory) -> str:
     config = DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
                               max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
                               seq_classif_dropout=0.0, initializer_range=0.3)  # dropout 0: learns in seconds
-    import torch
     torch.manual_seed(0)
     DistilBertModel(config).save_pretrained(folder)
     return str(folder)
@@ -75,7 +113,7 @@ def run_args(tiny_model, imdb_folder, tmp_path) -> list[str]:
     """Flags for a fast, complete run on the tiny model and IMDB-shaped data."""
     return ["--model-name", tiny_model, "--dataset-name", imdb_folder, "--output-dir", str(tmp_path / "out"),
             "--train-samples", "0", "--eval-samples", "0", "--max-length", "32", "--epochs", "3",
-            "--batch-size", "16", "--learning-rate", "0.01", "--lora-dropout", "0", "--warmup", "0"]
+            "--batch-size", "16", "--learning-rate", "0.01", "--lora-dropout", "0", "--warmup", "0", *precision_flags()]
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +122,8 @@ def trained(tiny_model, imdb_folder, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("run") / "out"
     args = ["--model-name", tiny_model, "--dataset-name", imdb_folder, "--output-dir", str(out),
             "--train-samples", "0", "--eval-samples", "0", "--max-length", "32", "--epochs", "4",
-            "--batch-size", "16", "--learning-rate", "0.01", "--lora-dropout", "0", "--warmup", "0", "--merge"]
+            "--batch-size", "16", "--learning-rate", "0.01", "--lora-dropout", "0", "--warmup", "0", "--merge",
+            *precision_flags()]
     fts.setup_logging(quiet=True)
     from transformers import set_seed
     set_seed(42)  # the same seed main() uses, so this is the model main() starts from

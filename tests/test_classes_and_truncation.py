@@ -154,3 +154,42 @@ def test_class_only_in_test_is_refused(run_args, tmp_path, capsys):
     csv_rows(folder, [("fine film", "pos"), ("so so", "neutral")] * 5, "test.csv")
     message = fails_with(run_args + ["--dataset-name", str(folder)], capsys)
     assert "classes with no usable training rows: ['neutral']" in message
+
+
+@pytest.fixture(scope="module")
+def two_label_checkpoint(tiny_model, tmp_path_factory) -> Path:
+    """The tiny model saved as a fine-tuned sentiment classifier: DistilBertForSequenceClassification, 2 labels."""
+    import torch
+    from transformers import AutoTokenizer, DistilBertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("sst2-like")
+    torch.manual_seed(1)
+    model = DistilBertForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    torch.nn.init.normal_(model.classifier.weight, std=1.0)  # a head unlike a fresh one, so keeping it shows
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(folder)
+    return folder
+
+
+def test_a_checkpoint_with_another_head_size_gets_a_new_head(two_label_checkpoint, run_args, tmp_path, capsys):
+    pd.DataFrame(three_class_rows(600, seed=3), columns=["text", "label"]).to_csv(tmp_path / "three.csv", index=False)
+    out = tmp_path / "out"
+    args = run_args + ["--model-name", str(two_label_checkpoint), "--dataset-name", str(tmp_path / "three.csv"),
+                       "--output-dir", str(out), "--epochs", "4", "--learning-rate", "0.02"]
+    assert fts.main(args) == 0
+    assert "head has 2 labels and the data has 3 classes; training a new head" in capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_accuracy"] >= 0.55 and len(metrics["confusion_matrix"]) == 3  # as from the base model
+
+
+def test_a_checkpoint_with_the_same_head_size_keeps_its_head(two_label_checkpoint, caplog):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    texts = ["the movie was great", "awful , boring plot"]
+    encoded = AutoTokenizer.from_pretrained(two_label_checkpoint)(texts, padding=True, return_tensors="pt")
+    saved = AutoModelForSequenceClassification.from_pretrained(two_label_checkpoint).eval()
+    wrapped = fts.build_model(str(two_label_checkpoint), None, 8, 16, 0.0).eval()  # LoRA starts as a no-op
+    with torch.no_grad():
+        assert torch.allclose(wrapped(**encoded).logits, saved(**encoded).logits, atol=1e-6)
+    assert "training a new head" not in caplog.text

@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import fine_tune_sentiment as fts
+from conftest import GPU, PRESET, precision_flags
+
+pytestmark = pytest.mark.skipif(GPU and torch.cuda.device_count() < 2, reason="2 processes need 2 GPUs under NCCL")
 
 SCRIPT = str(Path(fts.__file__))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -32,7 +36,8 @@ def two_runs(tiny_model, imdb_folder, tmp_path_factory) -> dict:
     """The same training as 1 process with batch 16 and as 2 processes with batch 8 each (the same 16 a step)."""
     root = tmp_path_factory.mktemp("ddp")
     base = ["--model-name", tiny_model, "--dataset-name", imdb_folder, "--train-samples", "0", "--eval-samples", "0",
-            "--max-length", "32", "--epochs", "3", "--learning-rate", "0.01", "--lora-dropout", "0", "--warmup", "0"]
+            "--max-length", "32", "--epochs", "3", "--learning-rate", "0.01", "--lora-dropout", "0", "--warmup", "0",
+            *precision_flags()]
     two = torchrun(flags(base, root / "two", 8))
     assert two.returncode == 0, two.stderr
     assert fts.main(flags(base, root / "one", 16) + ["--quiet"]) == 0
@@ -43,7 +48,7 @@ def two_runs(tiny_model, imdb_folder, tmp_path_factory) -> dict:
 def test_one_process_reports_and_saves(two_runs):
     out, err = two_runs["two"].stdout, two_runs["two"].stderr
     assert out.count("=== eval metrics ===") == 1 and out.count("Prediction: ") == len(fts.SAMPLE_REVIEWS)
-    assert err.count("Preset: cpu") == 1 and err.count("trainable params:") == 1 and err.count("Done: ") == 1
+    assert err.count(f"Preset: {PRESET}") == 1 and err.count("trainable params:") == 1 and err.count("Done: ") == 1
     assert "Traceback" not in err
     folder = two_runs["root"] / "two"
     assert sorted(p.name for p in folder.iterdir()) == ["adapter", "metrics.json", "training.png"]
@@ -51,7 +56,7 @@ def test_one_process_reports_and_saves(two_runs):
 
 def test_every_eval_row_counted_once(two_runs):
     metrics = two_runs["metrics"]["two"]
-    assert metrics["world_size"] == 2 and metrics["backend"] == "gloo"
+    assert metrics["world_size"] == 2 and metrics["backend"] == ("nccl" if GPU else "gloo")
     assert metrics["eval_samples"] == sum(map(sum, metrics["confusion_matrix"])) == 200  # not 100, nor padded
     assert metrics["train_samples"] == 600
 

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 import fine_tune_sentiment as fts
+import conftest
 from conftest import make_reviews
 from test_errors import fails_with
 
@@ -74,7 +75,7 @@ def test_predict_file_keeps_rows_order_and_columns(trained, tmp_path, kind, caps
     empty = result["predicted_label"].isna()
     assert list(empty[empty].index) == [3, 7, 20] and result["predicted_score"][empty].isna().all()
     usable = [t for t in texts if t and t.strip()]
-    expected = fts.predict(*fts.load_adapter(trained["out"] / "adapter"), usable)
+    expected = fts.predict(*fts.load_adapter(trained["out"] / "adapter"), usable, precision=conftest.PRECISION)
     assert list(result["predicted_label"][~empty]) == [label for label, _ in expected]
     assert result["predicted_score"][~empty].tolist() == pytest.approx([score for _, score in expected], abs=1e-6)
     captured = capsys.readouterr()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fine_tune_sentiment as fts
-from conftest import make_reviews
+from conftest import DEVICE, PRESET, make_reviews, precision_flags
 
 SCRIPT = str(Path(fts.__file__))
 REVIEWS = ["the movie was great and wonderful", "awful boring plot , the worst", ""]
@@ -29,7 +29,7 @@ def test_metrics_json_has_every_field_and_both_classes(trained):
     assert tn + fp > 0 and fn + tp > 0  # both classes were evaluated
     assert tn + fp + fn + tp == metrics["eval_samples"] == 200  # the whole test split, no unsupervised rows
     assert metrics["train_samples"] == 600  # train only: the 40 unsupervised (-1) rows are not used
-    assert metrics["config"]["EPOCHS"] == 4 and metrics["device"] == "cpu"
+    assert metrics["config"]["EPOCHS"] == 4 and metrics["device"] == DEVICE
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
 
 
@@ -94,7 +94,7 @@ def test_checkpoints_are_removed_after_a_finished_run(trained):
 def test_predict_in_a_subprocess(trained):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     lines = "the movie was great , loved it\r\n\r\n\xff\xfe binary\n" + "wonderful " * 20000 + "\nawful 😡 ужасно 最悪\n"
-    result = subprocess.run([sys.executable, SCRIPT, "--output-dir", str(trained["out"]), "--predict", "-"],
+    result = subprocess.run([sys.executable, SCRIPT, "--output-dir", str(trained["out"]), "--predict", "-", *precision_flags()],
                             input=lines.encode("utf-8").replace("\xff\xfe".encode(), b"\xff\xfe"),
                             capture_output=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr.decode()
@@ -110,8 +110,9 @@ def test_predict_in_a_subprocess(trained):
 def test_predict_arguments_empty_and_non_latin(trained, capsys):
     assert fts.main(["--output-dir", str(trained["out"]), "--predict", "", "great 🎬 映画"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == 'Review: ""' and lines[1].startswith("Prediction: ")
-    assert lines[3].startswith("Prediction: POSITIVE (")
+    assert lines[0] == 'Review: ""' and lines[2] == 'Review: "great 🎬 映画"'
+    for line in lines[1], lines[3]:  # a well-formed prediction; which label a toy model gives unknown tokens is noise
+        assert re.fullmatch(r"Prediction: (POSITIVE|NEGATIVE) \((0\.[5-9]\d|1\.00)\)", line), line
 
 
 def test_unknown_flag_is_refused():
@@ -207,7 +208,7 @@ def test_quiet_prints_only_metrics_and_predictions(run_args, capfd):
 def test_normal_run_shows_preset_params_and_summary(run_args, capfd):
     assert fts.main(run_args + ["--epochs", "1"]) == 0
     err = capfd.readouterr().err
-    assert err.startswith("Preset: cpu (no GPU found); settings: {")
+    assert err.startswith(f"Preset: {PRESET} (") and "; settings: {" in err.splitlines()[0]
     assert re.search(r"^trainable params: [\d,]+ of [\d,]+ \(\d+\.\d\d%\)$", err, re.M)
     summary = err.strip().splitlines()[-1]
     assert re.fullmatch(r"Done: accuracy \d\.\d{4}, F1 \d\.\d{4}, trained in \d+s \| adapter: \S+ \| "
