@@ -29,6 +29,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -96,211 +97,70 @@ DATA_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet":
 log = logging.getLogger("fine_tune_sentiment")
 
 
-class InputError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2."""
+# The training story: what `python fine_tune_sentiment.py` does, step by step ------------------------------------
+
+def run_training(config: dict, args: argparse.Namespace) -> dict:
+    """Load and prepare the data, tokenize it, wrap the model in LoRA, train, evaluate, predict, save."""
+    from transformers import set_seed
+
+    run = start_run(config, args)  # device, processes and preset, printed
+    set_seed(config["SEED"])  # once, before any shuffling and before the LoRA weights are drawn
+    with main_process_first():  # downloads and dataset caches are written once, then read by the other processes
+        data = load_data(config)  # 1. load, clean and subsample
+        model, tokenizer = load_model(config, data["train"].features["labels"].names)  # 2. the LoRA model
+        data = tokenize(data, tokenizer)  # 3. tokenize once; batches are padded later
+    run.precision, run.speedup = resolve_precision(config["PRECISION"], run.has_gpu, model.config.hidden_size)
+    trainer, train_metrics = train(model, tokenizer, data, run)  # 4. train
+    metrics = evaluate(trainer, data["test"]) | describe(run, model, data, train_metrics)  # 5. evaluate
+    if not is_main():
+        return metrics  # the main process prints and saves
+    print_metrics(metrics)
+    samples = config["SAMPLE_REVIEWS"]
+    print_predictions(samples, predict(model, tokenizer, samples, precision=run.precision))  # 6. predict
+    paths = save_outputs(model, tokenizer, metrics, trainer.state, Path(config["OUTPUT_DIR"]), config["MERGE"])
+    shutil.rmtree(Path(config["OUTPUT_DIR"]) / "checkpoints", ignore_errors=True)  # finished: nothing to resume
+    log.info(f"Done: accuracy {metrics['eval_accuracy']:.4f}, F1 {metrics['eval_f1']:.4f}, trained in "
+             f"{metrics['train_seconds']:.0f}s | " + " | ".join(f"{k}: {p}" for k, p in paths.items()))
+    return metrics
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]:
-    """Build one flag per setting (from the constants block) and return (settings, run options)."""
-    comments = dict(re.findall(r"^([A-Z_]+):.*?#\s*(.+)$", Path(__file__).read_text(), re.M))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage="%(prog)s [--SETTING VALUE ...] [--predict TEXT ...] (see --help)",
-                                     allow_abbrev=False)
-    for name in SETTINGS:
-        kind, default = str(__annotations__[name]), globals()[name]  # the annotation is text, e.g. "int | None"
-        flag = "--" + name.lower().replace("_", "-")
-        helptext = f"{comments.get(name, '')} (default: {default!r})".replace("%", "%%")
-        if kind == "bool":
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=helptext)
-        elif kind.startswith("list"):
-            parser.add_argument(flag, dest=name, nargs="+", default=default, metavar="TEXT", help=helptext)
-        else:
-            parser.add_argument(flag, dest=name, type=value_parser(name, kind), default=default, help=helptext)
-    parser.add_argument("--predict", nargs="+", metavar="TEXT", help="load OUTPUT_DIR/adapter and classify TEXT "
-                        "without training; '-' reads one review per line from stdin")
-    parser.add_argument("--eval-only", action="store_true", help="evaluate OUTPUT_DIR/adapter on DATASET_NAME (its "
-                        "test split, or a whole data file) into OUTPUT_DIR/eval_metrics.json, without training")
-    parser.add_argument("--predict-file", metavar="IN", help="score every row of IN (.csv .tsv .jsonl .json .parquet "
-                        ".txt) with OUTPUT_DIR/adapter; the text is in TEXT_COLUMN")
-    parser.add_argument("--predictions", metavar="OUT", help="where --predict-file writes (.csv .jsonl .parquet; "
-                        "default OUTPUT_DIR/predictions.csv): every input row and column, plus the prediction")
-    parser.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run; start over")
-    parser.add_argument("--quiet", action="store_true", help="print only the metrics and the predictions")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    args = parser.parse_args(argv)
-    return {name: getattr(args, name) for name in SETTINGS}, args
+@dataclass
+class Run:
+    """One training run's resolved state: the settings, and what this machine and launch made of them."""
+    config: dict
+    has_gpu: bool
+    device: str
+    preset: str
+    backend: str | None
+    fresh: bool
+    quiet: bool
+    precision: str = "fp32"
+    speedup: float | None = None
 
 
-def value_parser(name: str, kind: str) -> callable:
-    """Return an argparse type that checks a flag value against the setting's type and range."""
-    base = int if "int" in kind else float if "float" in kind else str
-
-    def parse(text: str):
-        if "None" in kind and text.lower() in ("none", "auto"):
-            return None
-        if name in CHOICES:
-            if text.lower() not in CHOICES[name]:
-                raise argparse.ArgumentTypeError(f"expected one of {', '.join(CHOICES[name])}, got {text!r}")
-            return text.lower()
-        try:
-            value = base(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
-        if base is not str and (value < 0 or not np.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
-        if name in ("LEARNING_RATE", "EPOCHS", "BATCH_SIZE", "LORA_R", "MAX_LENGTH") and value == 0:
-            raise argparse.ArgumentTypeError("must be greater than 0")
-        if name in ("WARMUP", "LORA_DROPOUT") and value >= 1:
-            raise argparse.ArgumentTypeError(f"must be below 1, got {text!r}")
-        return value
-
-    parse.__name__ = base.__name__  # argparse names the type in its error messages
-    return parse
-
-
-def apply_preset(config: dict, has_gpu: bool) -> str:
-    """Fill the settings left at None from the hardware preset; return the preset's name."""
-    preset = "gpu" if has_gpu else "cpu"
-    for name, value in PRESETS[preset].items():
-        if config[name] is None:
-            config[name] = value
-    return preset
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes; torchrun and accelerate launch set both, else 0 and 1."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def is_main() -> bool:
-    """True in the process that prints and saves: the only one, or rank 0 under torchrun."""
-    return rank_and_world()[0] == 0
-
-
-def join_processes(has_gpu: bool) -> str | None:
-    """Under torchrun, join the process group (NCCL on GPUs, gloo on CPU) and share the cores; return the backend."""
-    import torch
-    from accelerate import PartialState
-
-    if "LOCAL_RANK" not in os.environ:  # a plain python run; torchrun sets it, also for one process
-        return None
-    PartialState(cpu=not has_gpu)  # what the Trainer does later; done now so data preparation can take turns
-    if not has_gpu:  # torchrun gives each process 1 thread; a process should get its share of the cores
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    return torch.distributed.get_backend()
-
-
-@contextmanager
-def main_process_first():
-    """Run the block on the main process first (it writes the caches), then on the others (they read them)."""
-    import torch.distributed as dist
-
-    together, main = dist.is_available() and dist.is_initialized(), is_main()
-    if together and not main:
-        try:
-            dist.barrier()
-        except RuntimeError:  # the main process failed first and printed why; torchrun ends this one anyway
-            raise SystemExit(1) from None
-    yield
-    if together and main:
-        dist.barrier()
-
-
-def from_main(value):
-    """Under torchrun, every process takes the main process's value, so they all decide alike."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def cpu_may_have_fast_bf16() -> bool:
-    """False on an x86 Linux CPU whose flags lack avx512_bf16 and amx_bf16 (bf16 is emulated there, many times
-    slower, and its first use alone takes seconds); True where that is not ruled out, so the probe decides."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if platform.machine().lower() not in ("x86_64", "amd64") or not cpuinfo.exists():
-        return True
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("flags")), None)
-    return flags is None or bool({"avx512_bf16", "amx_bf16"} & set(flags))
-
-
-def bf16_speedup(width: int, seconds: float = 0.2) -> float:
-    """Time width-wide matmuls on this CPU in fp32 and in bf16; return how many times faster bf16 ran."""
+def start_run(config: dict, args: argparse.Namespace) -> Run:
+    """Find the device, join the other processes (torchrun), fill the preset, check the tracker; print the plan."""
     import torch
 
-    width = max(width, 256)  # at a tiny test model's width the timing would be all overhead
-    x, w = torch.randn(128, width), torch.randn(width, width)
-
-    def seconds_per_call(dtype) -> float:
-        a, b = x.to(dtype), w.to(dtype)
-        a @ b  # warm-up: the first bf16 call picks and builds its kernel
-        calls, start = 0, time.perf_counter()
-        while calls == 0 or time.perf_counter() - start < seconds:  # without fast bf16 one call can take 0.1 s
-            a @ b
-            calls += 1
-        return (time.perf_counter() - start) / calls
-
-    return seconds_per_call(torch.float32) / seconds_per_call(torch.bfloat16)
+    has_gpu = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if has_gpu else "cpu"
+    backend = join_processes(has_gpu)
+    preset = apply_preset(config, has_gpu)
+    log.info(f"Preset: {preset} ({'CUDA: ' + device if has_gpu else 'no GPU found'}); "
+             f"settings: {json.dumps({k: v for k, v in config.items() if k != 'SAMPLE_REVIEWS'})}")
+    check_tracker(config["REPORT_TO"], Path(config["OUTPUT_DIR"]))
+    return Run(config, has_gpu, device, preset, backend, args.fresh, args.quiet)
 
 
-def choose_precision(requested: str, has_gpu: bool, gpu_has_bf16: bool = False, speedup: float | None = None) -> str:
-    """Resolve PRECISION for this hardware: on a CPU, auto takes bf16 only where the probe measured it fast."""
-    if has_gpu:
-        if requested == "bf16" and not gpu_has_bf16:
-            raise InputError("this GPU has no bf16 support; use --precision fp16, fp32 or auto")
-        return ("bf16" if gpu_has_bf16 else "fp16") if requested == "auto" else requested
-    if requested == "fp16":
-        raise InputError("fp16 needs a GPU (CPU autocast runs bf16 only); use --precision bf16, fp32 or auto")
-    fast = speedup is not None and speedup >= FAST_BF16
-    if requested == "bf16" and not fast:
-        found = f"measured {speedup:.2f}x the speed of fp32" if speedup else "has no avx512_bf16 or amx_bf16"
-        log.warning(f"warning: bf16 on this CPU {found}; it will be slow (--precision auto picks the faster one)")
-    return "bf16" if requested == "bf16" or (requested == "auto" and fast) else "fp32"
+# 1. Load and prepare the data ------------------------------------------------------------------------------------
 
-
-def resolve_precision(requested: str, has_gpu: bool, width: int) -> tuple[str, float | None]:
-    """Measure what the hardware needs measured, then choose; return (precision, measured bf16 speedup or None)."""
-    import torch
-
-    speedup, note = None, ""
-    if has_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
-        precision = choose_precision(requested, True, torch.cuda.is_bf16_supported())
-    else:
-        if requested in ("auto", "bf16") and not cpu_may_have_fast_bf16():
-            note = "; no avx512_bf16 or amx_bf16 in this CPU's flags, so bf16 was not timed"
-        elif requested in ("auto", "bf16"):  # the main process times; the others take its result
-            speedup = from_main(bf16_speedup(width) if is_main() else None)
-            note = f"; bf16 matmuls ran {speedup:.2f}x as fast as fp32 on this CPU"
-        precision = choose_precision(requested, False, speedup=speedup)
-    log.info(f"Precision: {precision} ({requested}{note})")
-    return precision, speedup
-
-
-def check_source(name: str, what: str) -> None:
-    """Fail fast on a missing local path, or on a hub id when the hub cannot be reached."""
-    if Path(name).expanduser().exists():
-        return
-    if name.startswith((".", "/", "~")) or Path(name).suffix in DATA_FILE_TYPES or "\\" in name:
-        raise InputError(f"{what} {name!r} does not exist; pass an existing local path or a hub id")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return  # the libraries look in the local cache and fail fast themselves
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return  # a direct probe says nothing when traffic goes through a proxy
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
-    except OSError:
-        raise InputError(f"cannot reach the Hugging Face hub to fetch {what} {name!r}; pass a local folder "
-                         f"instead (see README 'Try it without internet'), or set HF_HUB_OFFLINE=1 to use "
-                         f"the local cache") from None
+def load_data(config: dict) -> DatasetDict:
+    """The train and test splits, cleaned, with class ids, subsampled after a seeded shuffle."""
+    data = prepare_data(load_raw_data(config["DATASET_NAME"]), config["TEXT_COLUMN"], config["LABEL_COLUMN"],
+                        config["SEED"])
+    data["train"] = subsample(data["train"], config["TRAIN_SAMPLES"], config["SEED"], "train")
+    data["test"] = subsample(data["test"], config["EVAL_SAMPLES"], config["SEED"], "test")
+    return data
 
 
 def load_raw_data(dataset_name: str) -> DatasetDict:
@@ -322,7 +182,6 @@ def load_raw_data(dataset_name: str) -> DatasetDict:
     except (OSError, ValueError) as error:  # the libraries' not-found, offline and format errors
         raise InputError(f"could not load dataset {dataset_name!r}: {one_line(error)}") from error
 
-
 def load_aclimdb(path: Path) -> DatasetDict:
     """Read the original aclImdb/ folder (split/pos/*.txt, split/neg/*.txt); unsup/ is never read."""
     from datasets import Dataset, DatasetDict
@@ -337,7 +196,6 @@ def load_aclimdb(path: Path) -> DatasetDict:
         if texts:
             splits[split] = Dataset.from_dict({"text": texts, "label": labels})
     return DatasetDict(splits)
-
 
 def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: int,
                  names: list[str] | None = None) -> DatasetDict:
@@ -395,7 +253,6 @@ def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: in
         data["test"] = data.pop(eval_split)
     return data
 
-
 def label_key(value, feature):
     """A raw label as an int or a lower-case name (neg read as negative); None for unlabelled (None, NaN, empty,
     or IMDB's -1)."""
@@ -413,7 +270,6 @@ def label_key(value, feature):
     if value is None or value == -1 or value == "":
         return None
     return value
-
 
 def class_names(data: DatasetDict, feature, label_column: str) -> tuple[list[str], dict]:
     """Name the classes found in the cleaned train rows, in a stable order; return (names, key -> class id)."""
@@ -446,7 +302,6 @@ def class_names(data: DatasetDict, feature, label_column: str) -> tuple[list[str
         names = list(ID2LABEL.values())  # binary sentiment keeps NEGATIVE/POSITIVE, as before
     return names, {key: i for i, key in enumerate(order)}
 
-
 def subsample(data: Dataset, n: int, seed: int, split: str) -> Dataset:
     """Draw n rows after a seeded shuffle (IMDB is sorted by label); 0 or too many means all rows."""
     if n > len(data):
@@ -455,46 +310,20 @@ def subsample(data: Dataset, n: int, seed: int, split: str) -> Dataset:
         return data
     return data.shuffle(seed=seed).select(range(n))
 
+# 2. The model: a pretrained encoder, a head for the classes, LoRA around it ------------------------------------
 
-def load_tokenizer(model_name: str, max_length: int, model_limit: int | None, truncation: str = "head"):
-    """Load the tokenizer, clamp MAX_LENGTH to what the model and tokenizer can take, and set how reviews are cut."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_name)
-    tokenizer_limit = tokenizer.model_max_length if tokenizer.model_max_length < 1e6 else None
-    limit = min(x for x in (tokenizer_limit, model_limit, max_length) if x)
-    if limit < max_length:
-        log.warning(f"warning: MAX_LENGTH {max_length} is above the model's limit; using {limit}")
-    tokenizer.model_max_length = limit  # both saved with the adapter, so --predict cuts reviews the same way
-    tokenizer.init_kwargs["review_truncation"] = truncation
-    return tokenizer
-
-
-def encode(tokenizer, texts: list[str]) -> dict:
-    """Tokenize once, without padding, and cut reviews longer than model_max_length as the tokenizer says."""
-    limit = tokenizer.model_max_length
-    if tokenizer.init_kwargs.get("review_truncation", "head") == "head":
-        return tokenizer(texts, truncation=True)
-    encoded = tokenizer(texts, verbose=False)  # whole reviews; cut below, so no second tokenizer pass
-    with_specials = tokenizer("a")["input_ids"]
-    before = with_specials.index(tokenizer("a", add_special_tokens=False)["input_ids"][0])  # [CLS] and the like
-    after = len(with_specials) - before - 1  # [SEP] and the like
-    head = (limit - before - after) // 4  # Sun et al. 2019: the head and the tail keep IMDB's verdict best
-    tail = limit - before - after - head
-    for key, rows in encoded.items():  # input_ids, attention_mask, token_type_ids: all cut alike
-        encoded[key] = [row if len(row) <= limit else row[:before + head] + row[len(row) - tail - after:]
-                        for row in rows]
-    return encoded
-
-
-def tokenize(data: DatasetDict, tokenizer) -> DatasetDict:
-    """Tokenize every split once; padding happens per batch in the collator."""
-    def encode_batch(batch):
-        encoded = encode(tokenizer, batch["text"])
-        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]  # for length-grouped batches
-        return encoded
-
-    return data.map(encode_batch, batched=True, remove_columns=["text"], desc="Tokenizing")
+def load_model(config: dict, names: list[str]):
+    """The LoRA-wrapped model and its tokenizer, from a hub id or a local folder."""
+    check_source(config["MODEL_NAME"], "model")
+    model_name = local_or_hub(config["MODEL_NAME"])
+    try:
+        model = build_model(model_name, config["TARGET_MODULES"], config["LORA_R"], config["LORA_ALPHA"],
+                            config["LORA_DROPOUT"], names)
+        tokenizer = load_tokenizer(model_name, config["MAX_LENGTH"],
+                                   getattr(model.config, "max_position_embeddings", None), config["TRUNCATION"])
+    except OSError as error:  # not found, offline and not cached, or no safetensors weights
+        raise InputError(f"could not load model {config['MODEL_NAME']!r}: {one_line(error)}") from error
+    return model, tokenizer
 
 
 def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, lora_alpha: int,
@@ -527,6 +356,128 @@ def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, 
     trainable, total = model.get_nb_trainable_parameters()
     log.info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     return model
+
+# 3. Tokenize ------------------------------------------------------------------------------------------------------
+
+def load_tokenizer(model_name: str, max_length: int, model_limit: int | None, truncation: str = "head"):
+    """Load the tokenizer, clamp MAX_LENGTH to what the model and tokenizer can take, and set how reviews are cut."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_name)
+    tokenizer_limit = tokenizer.model_max_length if tokenizer.model_max_length < 1e6 else None
+    limit = min(x for x in (tokenizer_limit, model_limit, max_length) if x)
+    if limit < max_length:
+        log.warning(f"warning: MAX_LENGTH {max_length} is above the model's limit; using {limit}")
+    tokenizer.model_max_length = limit  # both saved with the adapter, so --predict cuts reviews the same way
+    tokenizer.init_kwargs["review_truncation"] = truncation
+    return tokenizer
+
+def encode(tokenizer, texts: list[str]) -> dict:
+    """Tokenize once, without padding, and cut reviews longer than model_max_length as TRUNCATION says."""
+    backend = tokenizer.backend_tokenizer  # the tokenizers library itself: the same cut with or without transformers
+    backend.no_truncation()  # a call of the tokenizer may have left its own settings behind
+    backend.no_padding()
+    limit, rows = tokenizer.model_max_length, backend.encode_batch(texts)
+    word, with_specials = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
+    before = with_specials.index(word[0])  # [CLS] and the like
+    after = len(with_specials) - before - len(word)  # [SEP] and the like
+    budget = limit - before - after
+    head = budget // 4 if tokenizer.init_kwargs.get("review_truncation", "head") == "head+tail" else budget
+    tail = budget - head  # Sun et al. 2019: the head and the tail keep IMDB's verdict best
+    fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+    return {key: [ids if len(ids) <= limit else ids[:before + head] + ids[len(ids) - tail - after:]
+                  for ids in (getattr(row, field) for row in rows)]
+            for key, field in fields.items() if key in tokenizer.model_input_names}
+
+
+def tokenize(data: DatasetDict, tokenizer) -> DatasetDict:
+    """Tokenize every split once; padding happens per batch in the collator."""
+    def encode_batch(batch):
+        encoded = encode(tokenizer, batch["text"])
+        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]  # for length-grouped batches
+        return encoded
+
+    return data.map(encode_batch, batched=True, remove_columns=["text"], desc="Tokenizing")
+
+# 4. Train ---------------------------------------------------------------------------------------------------------
+
+def train(model, tokenizer, data: DatasetDict, run: Run):
+    """Train with the Trainer, resuming from the last checkpoint in OUTPUT_DIR unless --fresh."""
+    from transformers import DataCollatorWithPadding, EarlyStoppingCallback, PrinterCallback, Trainer
+
+    config = run.config
+    checkpoints = Path(config["OUTPUT_DIR"]) / "checkpoints"
+    resume_from = resume_point(checkpoints, config, run.fresh)
+    interrupt = interrupt_callback()
+    stop_early = [EarlyStoppingCallback(config["EARLY_STOPPING"])] if config["EARLY_STOPPING"] and config[
+        "EPOCHS"] > 1 else []  # it compares evaluations, and one epoch has only the final one
+    trainer = Trainer(model=model, args=training_arguments(run, checkpoints, len(data["train"])),
+                      train_dataset=data["train"], eval_dataset=data["test"].sort("length"),  # sorted: less padding
+                      data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if run.has_gpu else None),
+                      processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[interrupt, *stop_early])
+    if run.quiet:
+        trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    if interrupt.interrupted:
+        log.warning(f"Checkpoint saved in {checkpoints}; run the same command again to resume, "
+                    f"or pass --fresh to start over")
+        raise SystemExit(130)
+    return trainer, result.metrics
+
+
+def training_arguments(run: Run, output_dir: Path, train_rows: int):
+    """The Trainer's settings: ours, plus the choices that make it fast and correct here."""
+    from transformers import TrainingArguments
+
+    config, multi_epoch = run.config, run.config["EPOCHS"] > 1
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=config["EPOCHS"],
+        per_device_train_batch_size=config["BATCH_SIZE"],
+        per_device_eval_batch_size=2 * config["BATCH_SIZE"],  # no gradients, so twice the batch fits
+        learning_rate=config["LEARNING_RATE"],
+        warmup_steps=config["WARMUP"],  # a float below 1 is a fraction of all steps
+        weight_decay=config["WEIGHT_DECAY"],
+        train_sampling_strategy="group_by_length",  # batches of similar length waste less on padding
+        eval_strategy="epoch" if multi_epoch else "no",  # one epoch: the final evaluation is enough
+        save_strategy="epoch",
+        save_total_limit=2,
+        load_best_model_at_end=multi_epoch,
+        metric_for_best_model="accuracy",
+        logging_steps=max(1, train_rows // config["BATCH_SIZE"] // 10),
+        bf16=run.precision == "bf16",  # autocast: the weights, and so the saved adapter, stay fp32
+        fp16=run.precision == "fp16",
+        use_cpu=not run.has_gpu,  # tells the Trainer to run CPU autocast, and DDP over gloo under torchrun
+        ddp_find_unused_parameters=False,  # every trainable weight (LoRA, head) is used each step: skip the graph walk
+        average_tokens_across_devices=False,  # the loss is a mean per process already; else x N processes (peft)
+        dataloader_num_workers=4 if run.has_gpu else 0,  # on CPU workers compete with the math for 2 cores
+        seed=config["SEED"],
+        report_to=config["REPORT_TO"],
+        disable_tqdm=run.quiet or not is_main(),
+    )
+
+
+def resume_point(checkpoints: Path, config: dict, fresh: bool) -> str | None:
+    """The checkpoint of an interrupted run with the same settings, or None; --fresh removes them first."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    run_file, main = checkpoints / "run_config.json", is_main()
+    with main_process_first():  # the main process decides (and cleans up); the others then see what it left
+        if fresh and checkpoints.exists() and main:
+            shutil.rmtree(checkpoints)
+            log.info("--fresh: removed the checkpoints of the earlier run")
+        resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if resume_from and main:
+            saved = json.loads(run_file.read_text()) if run_file.exists() else {}
+            changed = sorted(k for k in config if k not in ("SAMPLE_REVIEWS", "MERGE") and saved.get(k) != config[k])
+            if changed:
+                raise InputError(f"{checkpoints} holds an interrupted run with different settings "
+                                 f"({', '.join(changed)}); rerun it with the same settings, or pass --fresh")
+            log.warning(f"Resuming the interrupted run from {resume_from}")  # shown even with --quiet
+        if main:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            write_json(run_file, config)
+    return resume_from
 
 
 def interrupt_callback():
@@ -563,12 +514,38 @@ def interrupt_callback():
 
     return SaveOnInterrupt()
 
+# 5. Evaluate ------------------------------------------------------------------------------------------------------
+
+def evaluate(trainer, dataset: Dataset) -> dict:
+    """Evaluate the (best) model on dataset: loss, accuracy, F1, precision, recall, confusion matrix."""
+    output = trainer.predict(dataset.sort("length"), metric_key_prefix="eval")  # sorted by length: less padding
+    speed = {k: round(v, 4) for k, v in output.metrics.items() if k.endswith(("_runtime", "_per_second"))}
+    return metrics_from(output.predictions, output.label_ids, list(trainer.model.config.id2label.values())) | speed
+
+
+def metrics_from(logits: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
+    """The eval_* metrics and the confusion matrix of logits against labels; per-class F1 with 3+ classes."""
+    matrix = confusion_matrix(labels, np.argmax(logits, axis=-1), len(names))
+    found = scores(matrix)
+    loss = -np.log(np.maximum(softmax(logits)[np.arange(len(labels)), labels], 1e-12)).mean()  # cross-entropy
+    metrics = {f"eval_{k}": round(found[k], 4) for k in ("accuracy", "f1", "precision", "recall")}
+    metrics["eval_loss"] = round(float(loss), 4)
+    if len(names) > 2:  # two classes keep exactly the fields they always had
+        metrics |= {"average": "macro", "per_class_f1": dict(zip(names, found["per_class_f1"]))}
+    return metrics | {"confusion_matrix": matrix}
+
+
+def compute_metrics(eval_pred) -> dict:
+    """The Trainer's per-evaluation metrics: scores() of the confusion matrix, scalars only."""
+    logits, labels = eval_pred
+    metrics = scores(confusion_matrix(labels, np.argmax(logits, axis=-1), logits.shape[-1]))
+    del metrics["per_class_f1"]  # the Trainer logs scalars; evaluate() adds the list for more than two classes
+    return metrics
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int = 2) -> list[list[int]]:
     """Counts of (true class, predicted class); for two classes [[tn, fp], [fn, tp]]."""
     return [[int(np.sum((labels == true) & (predictions == guess))) for guess in range(classes)]
             for true in range(classes)]
-
 
 def scores(matrix: list[list[int]]) -> dict:
     """Accuracy, F1, precision, recall and per-class F1 from a confusion matrix: no hub, no extra package.
@@ -583,140 +560,68 @@ def scores(matrix: list[list[int]]) -> dict:
     return {"accuracy": float(hits.sum() / matrix.sum()), "f1": pick(f1), "precision": pick(precision),
             "recall": pick(recall), "per_class_f1": [round(float(x), 4) for x in f1]}
 
-
-def compute_metrics(eval_pred) -> dict:
-    """The Trainer's per-evaluation metrics: scores() of the confusion matrix, scalars only."""
-    logits, labels = eval_pred
-    metrics = scores(confusion_matrix(labels, np.argmax(logits, axis=-1), logits.shape[-1]))
-    del metrics["per_class_f1"]  # the Trainer logs scalars; evaluate() adds the list for more than two classes
-    return metrics
-
-
-def train(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, precision: str, fresh: bool,
-          quiet: bool):
-    """Train with the Trainer, resuming from the last checkpoint in OUTPUT_DIR unless --fresh."""
-    from transformers import EarlyStoppingCallback
-    from transformers.trainer_utils import get_last_checkpoint
-
-    checkpoints = Path(config["OUTPUT_DIR"]) / "checkpoints"
-    run_file = checkpoints / "run_config.json"
-    main = is_main()
-    with main_process_first():  # the main process decides (and cleans up); the others then see what it left
-        if fresh and checkpoints.exists() and main:
-            shutil.rmtree(checkpoints)
-            log.info("--fresh: removed the checkpoints of the earlier run")
-        resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-        if resume_from and main:
-            saved = json.loads(run_file.read_text()) if run_file.exists() else {}
-            changed = sorted(k for k in config if k not in ("SAMPLE_REVIEWS", "MERGE") and saved.get(k) != config[k])
-            if changed:
-                raise InputError(f"{checkpoints} holds an interrupted run with different settings "
-                                 f"({', '.join(changed)}); rerun it with the same settings, or pass --fresh")
-            log.warning(f"Resuming the interrupted run from {resume_from}")  # shown even with --quiet
-        if main:
-            checkpoints.mkdir(parents=True, exist_ok=True)
-            write_json(run_file, config)
-    interrupt = interrupt_callback()
-    stop_early = [EarlyStoppingCallback(config["EARLY_STOPPING"])] if config["EARLY_STOPPING"] and config[
-        "EPOCHS"] > 1 else []  # it compares evaluations, and one epoch has only the final one
-    trainer = make_trainer(model, tokenizer, data, config, has_gpu, precision, quiet, checkpoints,
-                           [interrupt, *stop_early])
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    if interrupt.interrupted:
-        log.warning(f"Checkpoint saved in {checkpoints}; run the same command again to resume, "
-                    f"or pass --fresh to start over")
-        raise SystemExit(130)
-    return trainer, result.metrics
+def describe(run: Run, model, data: DatasetDict, train_metrics: dict) -> dict:
+    """What metrics.json records about the run besides the scores: sizes, speed, hardware, settings."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return {"train_samples": len(data["train"]), "eval_samples": len(data["test"]),
+            "train_seconds": round(train_metrics["train_runtime"], 1),
+            "train_samples_per_second": round(train_metrics["train_samples_per_second"], 2),  # totals over processes
+            "trainable_params": trainable, "total_params": total, "device": run.device, "preset": run.preset,
+            "precision": run.precision, "bf16_speedup": run.speedup and round(run.speedup, 2),
+            "world_size": rank_and_world()[1], "backend": run.backend, "labels": list(model.config.id2label.values()),
+            "lora_targets": short_names(model.peft_config["default"].target_modules),
+            "date": time.strftime("%Y-%m-%d"), "config": run.config}
 
 
-def make_trainer(model, tokenizer, data: DatasetDict, config: dict, has_gpu: bool, precision: str, quiet: bool,
-                 output_dir: Path, callbacks: list = ()):
-    """The Trainer that training and --eval-only share: the same batches, precision, collator and metrics."""
-    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
-
-    multi_epoch = config["EPOCHS"] > 1
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        num_train_epochs=config["EPOCHS"],
-        per_device_train_batch_size=config["BATCH_SIZE"],
-        per_device_eval_batch_size=2 * config["BATCH_SIZE"],  # no gradients, so twice the batch fits
-        learning_rate=config["LEARNING_RATE"],
-        warmup_steps=config["WARMUP"],  # a float below 1 is a fraction of all steps
-        weight_decay=config["WEIGHT_DECAY"],
-        train_sampling_strategy="group_by_length",  # batches of similar length waste less on padding
-        eval_strategy="epoch" if multi_epoch else "no",  # one epoch: the final evaluation is enough
-        save_strategy="epoch",
-        save_total_limit=2,
-        load_best_model_at_end=multi_epoch,
-        metric_for_best_model="accuracy",
-        logging_steps=max(1, len(data.get("train", [])) // config["BATCH_SIZE"] // 10),
-        bf16=precision == "bf16",  # autocast: the weights, and so the saved adapter, stay fp32
-        fp16=precision == "fp16",
-        use_cpu=not has_gpu,  # tells the Trainer to run CPU autocast, and DDP over gloo under torchrun
-        ddp_find_unused_parameters=False,  # every trainable weight (LoRA, head) is used each step: skip the graph walk
-        average_tokens_across_devices=False,  # the loss is a mean per process already; else x N processes (peft)
-        dataloader_num_workers=4 if has_gpu else 0,  # on CPU workers compete with the math for 2 cores
-        seed=config["SEED"],
-        report_to=config["REPORT_TO"],
-        disable_tqdm=quiet or not is_main(),
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=data.get("train"),
-                      eval_dataset=data["test"].sort("length"),  # less padding; the order does not change metrics
-                      data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if has_gpu else None),
-                      processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=list(callbacks))
-    if quiet:
-        trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
-    return trainer
-
-
-def check_tracker(report_to: str, output_dir: Path) -> None:
-    """Fail fast, in one line, on a tracker the Trainer does not know or whose package is missing."""
-    import importlib.util
-
-    from transformers.integrations import INTEGRATION_TO_CALLBACK
-
-    if report_to in ("none", "all"):
-        return
-    if report_to not in INTEGRATION_TO_CALLBACK:
-        raise InputError(f"unknown REPORT_TO {report_to!r}; use none, all or one of: "
-                         f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
-    module, package = TRACKER_PACKAGES.get(report_to, (report_to, report_to))
-    if importlib.util.find_spec(module) is None:
-        raise InputError(f"REPORT_TO {report_to!r} needs a package that is not installed: pip install {package}")
-    if report_to == "tensorboard":  # the Trainer's default is inside checkpoints/, which a finished run removes
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / "runs")
-
-
-def evaluate(trainer) -> dict:
-    """Evaluate the (best) model on the eval split: loss, accuracy, F1, precision, recall, confusion matrix."""
-    output = trainer.predict(trainer.eval_dataset, metric_key_prefix="eval")  # sorted by length: less padding
-    classes = output.predictions.shape[-1]
-    matrix = confusion_matrix(output.label_ids, np.argmax(output.predictions, axis=-1), classes)
-    metrics = {k: round(v, 4) if isinstance(v, float) else v for k, v in output.metrics.items()}
-    if classes > 2:  # two classes keep exactly the fields they always had
-        metrics |= {"average": "macro", "per_class_f1": dict(zip(trainer.model.config.id2label.values(),
-                                                                   scores(matrix)["per_class_f1"]))}
-    return metrics | {"confusion_matrix": matrix}
-
+# 6. Predict -------------------------------------------------------------------------------------------------------
 
 def predict(model, tokenizer, texts: list[str], batch_size: int = 32, precision: str = "fp32"
             ) -> list[tuple[str, float]]:
-    """Classify texts (longest first, in batches) and return (label, probability) in input order."""
+    """Classify texts: (label, probability) for each, in input order."""
+    probabilities = softmax(logits(model, tokenizer, texts, batch_size, precision))
+    return [(model.config.id2label[int(i)], float(p[i])) for p, i in zip(probabilities, probabilities.argmax(-1))]
+
+
+def logits(model, tokenizer, texts: list[str], batch_size: int = 32, precision: str = "fp32",
+           progress: bool = False) -> np.ndarray:
+    """The model's logits for texts, run longest first in batches (less padding), returned in input order."""
+    from tqdm.auto import tqdm
+
+    forward = torch_forward(model, precision)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    found = np.zeros((len(texts), len(model.config.id2label)), dtype=np.float32)
+    for start in tqdm(range(0, len(order), batch_size), unit=" batches", disable=not progress):
+        rows = order[start:start + batch_size]
+        found[rows] = forward(pad(encode(tokenizer, [texts[i] for i in rows]), tokenizer.pad_token_id))
+    return found
+
+
+def torch_forward(model, precision: str):
+    """A function from a padded batch (numpy) to the logits of a transformers model, in the given precision."""
     import torch
 
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    results = [None] * len(texts)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        for start in range(0, len(order), batch_size):
-            batch = [texts[i] for i in order[start:start + batch_size]]
-            encoded = tokenizer.pad(encode(tokenizer, batch), return_tensors="pt").to(device)
-            probs = torch.softmax(model(**encoded).logits.float(), dim=-1)
-            for i, (score, label) in zip(order[start:start + batch_size], zip(*probs.max(dim=-1))):
-                results[i] = (model.config.id2label[int(label)], float(score))
-    return results
+
+    def forward(batch: dict) -> np.ndarray:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return model(**{k: torch.from_numpy(v).to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
+
+    return forward
+
+
+def pad(encoded: dict, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad a batch of token lists to its longest row: int64 arrays, ids with pad_id, mask and types with 0."""
+    width = max(map(len, encoded["input_ids"]))
+    return {key: np.array([row + [pad_id if key == "input_ids" else 0] * (width - len(row)) for row in rows],
+                          dtype=np.int64) for key, rows in encoded.items()}
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Probabilities from logits, along the last axis."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
 
 
 def print_predictions(texts: list[str], predictions: list[tuple[str, float]]) -> None:
@@ -726,56 +631,15 @@ def print_predictions(texts: list[str], predictions: list[tuple[str, float]]) ->
         shown = shown if len(shown) <= 100 else shown[:97] + "..."
         print(f'Review: "{shown}"\nPrediction: {label} ({score:.2f})')
 
+# 7. Save ----------------------------------------------------------------------------------------------------------
 
-def read_stdin_reviews() -> list[str]:
-    """Read one review per line from stdin; skip blank lines and lines that are not UTF-8 text."""
-    reviews = []
-    for number, raw in enumerate(sys.stdin.buffer.read().split(b"\n"), start=1):
-        try:
-            if b"\0" in raw:
-                raise UnicodeDecodeError("utf-8", raw, 0, 1, "binary data")
-            line = raw.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError:
-            log.warning(f"warning: skipping stdin line {number}: not valid UTF-8 text")
-            continue
-        if line.strip():
-            reviews.append(line)
-    return reviews
-
-
-def load_adapter(adapter_dir: Path):
-    """Load a saved adapter (with its head and tokenizer) for inference."""
-    import torch
-    import transformers
-    from peft import AutoPeftModelForSequenceClassification
-    from transformers import AutoTokenizer
-
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise InputError(f"no saved adapter in {adapter_dir}; train first (python fine_tune_sentiment.py) "
-                         f"or point --output-dir at a finished run")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    transformers.logging.set_verbosity_error()  # else "head newly initialized": true of the base, not of the adapter
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    names = tokenizer.init_kwargs.get("id2label", ID2LABEL)  # the base's config lacks our label names
-    id2label = {int(i): name for i, name in names.items()}
-    try:
-        model = AutoPeftModelForSequenceClassification.from_pretrained(
-            str(adapter_dir), use_safetensors=True, id2label=id2label, label2id={n: i for i, n in id2label.items()})
-    except OSError as error:  # e.g. the base model is a hub id and the hub is out of reach
-        raise InputError(f"could not load the adapter in {adapter_dir}: {one_line(error)}") from error
-    return model.to(device), tokenizer
-
-
-def load_for_inference(config: dict):
-    """What every inference mode starts with: the saved adapter, its tokenizer, and the precision to run them in."""
-    model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
-    precision, _ = resolve_precision(config["PRECISION"], model.device.type == "cuda", model.config.hidden_size)
-    return model, tokenizer, precision
-
-
-def save_outputs(model, tokenizer, metrics: dict, history: list, output_dir: Path, merge: bool) -> dict:
+def save_outputs(model, tokenizer, metrics: dict, state, output_dir: Path, merge: bool) -> dict:
     """Write adapter/, metrics.json, training.png (and merged/) so an earlier run's files survive a crash."""
     paths = {"adapter": output_dir / "adapter", "metrics": output_dir / "metrics.json"}
+    history = state.log_history
+    if not any("eval_accuracy" in h for h in history):  # one epoch: the final evaluation is the only one
+        history = history + [{"step": state.global_step, "eval_loss": metrics["eval_loss"],
+                              "eval_accuracy": metrics["eval_accuracy"]}]
     tokenizer.init_kwargs["id2label"] = model.config.id2label  # an adapter folder has no model config to hold them
     write_dir(paths["adapter"], lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp),
                                              write_card(Path(tmp), paths["adapter"], metrics, "peft")))
@@ -853,7 +717,6 @@ classify("This movie was fantastic!")
 --predict` cuts them as training did (`{config['TRUNCATION']}`).
 """)
 
-
 def save_plot(history: list, matrix: list, names: list[str], path: Path) -> Path | None:
     """Plot train/eval loss and eval accuracy per step next to the confusion matrix."""
     try:
@@ -883,73 +746,7 @@ def save_plot(history: list, matrix: list, names: list[str], path: Path) -> Path
     os.replace(tmp, path)
     return path
 
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: a crash leaves the old file, never half of the new one."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def write_dir(path: Path, write) -> None:
-    """Fill a temporary folder with write(tmp), then swap it in for path; the old copy goes only after."""
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(str(tmp))
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def local_or_hub(name: str) -> str:
-    """An existing local path made absolute (the adapter records it, and --predict may run elsewhere), else name."""
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.exists() else name
-
-
-def short_names(targets: set | str) -> list[str]:
-    """LoRA's target modules as short names (all-linear lists every full path)."""
-    return [targets] if isinstance(targets, str) else sorted({name.split(".")[-1] for name in targets})
-
-
-def one_line(error: BaseException) -> str:
-    """The first line of an exception message."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-def print_metrics(metrics: dict) -> None:
-    """Print the metrics block: one 'name: value' per line, easy to scan and to parse."""
-    print("=== eval metrics ===")
-    for key in ("eval_accuracy", "eval_f1", "eval_precision", "eval_recall", "eval_loss"):
-        print(f"{key}: {metrics[key]:.4f}")
-    if len(metrics["confusion_matrix"]) == 2:
-        (tn, fp), (fn, tp) = metrics["confusion_matrix"]
-        print(f"confusion_matrix: [[tn={tn}, fp={fp}], [fn={fn}, tp={tp}]]")
-    else:  # rows are the true classes, columns the predicted ones, both in class order
-        print(f"per_class_f1: {json.dumps(metrics['per_class_f1'])}")
-        print(f"confusion_matrix: {json.dumps(metrics['confusion_matrix'])}")
-
-
-def setup_logging(quiet: bool) -> None:
-    """Our messages go to stderr plainly; the libraries' routine chatter is turned down at the source."""
-    import datasets
-    import transformers
-
-    logging.basicConfig(format="%(message)s", stream=sys.stderr, force=True)
-    main = is_main()
-    quiet = quiet or not main  # under torchrun only the main process reports; the others show only errors
-    log.setLevel(logging.ERROR if not main else logging.WARNING if quiet else logging.INFO)
-    transformers.logging.set_verbosity_error() if quiet else transformers.logging.set_verbosity_warning()
-    if quiet:
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # avoids the fork warning from the tokenizers crate
-    for noise in (".*is_gradient_checkpointing.*", ".*null_placement.*"):  # from peft and pyarrow internals
-        warnings.filterwarnings("ignore", message=noise, category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator.*")  # the Trainer's default, on CPU
-
+# The other modes: the saved adapter at work ---------------------------------------------------------------------
 
 def run_predict(config: dict, texts: list[str]) -> None:
     """--predict: classify the given texts with the saved adapter, without training."""
@@ -959,83 +756,27 @@ def run_predict(config: dict, texts: list[str]) -> None:
     model, tokenizer, precision = load_for_inference(config)
     print_predictions(reviews, predict(model, tokenizer, reviews, precision=precision))
 
-
 def run_eval_only(config: dict, quiet: bool) -> dict:
     """--eval-only: evaluate the saved adapter on DATASET_NAME without training; write OUTPUT_DIR/eval_metrics.json."""
-    import tempfile
-
     output_dir = Path(config["OUTPUT_DIR"])
     model, tokenizer, precision = load_for_inference(config)
-    has_gpu, whole = model.device.type == "cuda", config["EVAL_SAMPLES"] is None  # unset: every row, not the preset's
-    apply_preset(config, has_gpu)
+    names = list(model.config.id2label.values())
     data = prepare_data(load_raw_data(config["DATASET_NAME"]), config["TEXT_COLUMN"], config["LABEL_COLUMN"],
-                        config["SEED"], names=list(model.config.id2label.values()))
-    data["test"] = subsample(data["test"], 0 if whole else config["EVAL_SAMPLES"], config["SEED"], "test")
-    with tempfile.TemporaryDirectory() as scratch:  # the Trainer wants a folder; this run leaves nothing in it
-        trainer = make_trainer(model, tokenizer, tokenize(data, tokenizer), config | {"REPORT_TO": "none"}, has_gpu,
-                               precision, quiet, Path(scratch))
-        metrics = evaluate(trainer) | {"eval_samples": len(data["test"]), "dataset": config["DATASET_NAME"],
-                                       "adapter": str((output_dir / "adapter").resolve()), "precision": precision,
-                                       "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+                        config["SEED"], names=names)["test"]
+    data = subsample(data, config["EVAL_SAMPLES"] or 0, config["SEED"], "test")  # unset: every row, not the preset's
+    started = time.perf_counter()
+    found = logits(model, tokenizer, data["text"], eval_batch_size(config), precision, progress=not quiet)
+    seconds = time.perf_counter() - started
+    metrics = metrics_from(found, np.array(data["labels"]), names) | {
+        "eval_runtime": round(seconds, 4), "eval_samples_per_second": round(len(data) / seconds, 3),
+        "eval_samples": len(data), "dataset": config["DATASET_NAME"],
+        "adapter": str((output_dir / "adapter").resolve()), "precision": precision,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     print_metrics(metrics)
     write_json(output_dir / "eval_metrics.json", metrics)  # never metrics.json: that one describes the training
-    log.info(f"Done: accuracy {metrics['eval_accuracy']:.4f} on {len(data['test'])} rows | "
+    log.info(f"Done: accuracy {metrics['eval_accuracy']:.4f} on {len(data)} rows | "
              f"eval_metrics: {output_dir / 'eval_metrics.json'}")
     return metrics
-
-
-def read_chunks(path: Path, text_column: str, rows: int = 10_000):
-    """Yield a data file as DataFrames of at most `rows` rows, in order; csv and tsv values stay text as written."""
-    import pandas as pd
-
-    kind = path.suffix.lower()
-    if kind in (".csv", ".tsv"):
-        yield from pd.read_csv(path, sep="\t" if kind == ".tsv" else ",", dtype=str, keep_default_na=False,
-                               chunksize=rows)
-    elif kind == ".jsonl":
-        yield from pd.read_json(path, lines=True, dtype=False, chunksize=rows)
-    elif kind == ".json":  # one JSON array cannot be read in pieces; .jsonl can
-        frame = pd.read_json(path, dtype=False)
-        yield from (frame[start:start + rows] for start in range(0, max(len(frame), 1), rows))
-    elif kind == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from (batch.to_pandas() for batch in pq.ParquetFile(path).iter_batches(batch_size=rows))
-    else:  # .txt: one review per line
-        with open(path, encoding="utf-8", errors="replace", newline="") as lines:
-            while chunk := [line.rstrip("\r\n") for line in itertools.islice(lines, rows)]:
-                yield pd.DataFrame({text_column: chunk})
-
-
-@contextmanager
-def open_writer(path: Path, kind: str):
-    """Yield write(frame), which appends rows to path as csv, jsonl or parquet (kind); close it at the end."""
-    if kind == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        writer = None
-
-        def write(frame):
-            nonlocal writer
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            writer = writer or pq.ParquetWriter(path, table.schema)
-            writer.write_table(table.cast(writer.schema))
-
-        try:
-            yield write
-        finally:
-            if writer:
-                writer.close()
-        return
-    with open(path, "w", encoding="utf-8", newline="") as out:
-        def write(frame):
-            if kind == ".csv":
-                frame.to_csv(out, header=out.tell() == 0, index=False)
-            elif len(frame):
-                out.write(frame.to_json(orient="records", lines=True, force_ascii=False).rstrip("\n") + "\n")
-
-        yield write
 
 
 def run_predict_file(config: dict, source: str, target: str | None, quiet: bool) -> None:
@@ -1087,63 +828,110 @@ def run_predict_file(config: dict, source: str, target: str | None, quiet: bool)
     seconds = time.perf_counter() - started
     print(f"Scored {rows} rows in {seconds:.1f}s ({rows / max(seconds, 1e-9):.0f} rows/s): {target}")
 
+def eval_batch_size(config: dict) -> int:
+    """Inference batches: twice the training batch, as in the Trainer's evaluation."""
+    return 2 * (config["BATCH_SIZE"] or PRESETS["cpu"]["BATCH_SIZE"])
 
-def run_training(config: dict, args: argparse.Namespace) -> dict:
-    """Load data and model, train, evaluate, save and print; return the metrics."""
+
+def load_for_inference(config: dict):
+    """What every inference mode starts with: the saved adapter, its tokenizer, and the precision to run them in."""
+    model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
+    precision, _ = resolve_precision(config["PRECISION"], model.device.type == "cuda", model.config.hidden_size)
+    return model, tokenizer, precision
+
+def load_adapter(adapter_dir: Path):
+    """Load a saved adapter (with its head and tokenizer) for inference."""
     import torch
-    from transformers import set_seed
+    import transformers
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
 
-    has_gpu = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if has_gpu else "cpu"
-    backend, (rank, world) = join_processes(has_gpu), rank_and_world()
-    preset = apply_preset(config, has_gpu)
-    log.info(f"Preset: {preset} ({'CUDA: ' + device if has_gpu else 'no GPU found'}); "
-             f"settings: {json.dumps({k: v for k, v in config.items() if k != 'SAMPLE_REVIEWS'})}")
-    set_seed(config["SEED"])
-    check_tracker(config["REPORT_TO"], Path(config["OUTPUT_DIR"]))
-    with main_process_first():  # downloads and dataset caches are written once, then read by the other processes
-        check_source(config["MODEL_NAME"], "model")
-        data = prepare_data(load_raw_data(config["DATASET_NAME"]), config["TEXT_COLUMN"], config["LABEL_COLUMN"],
-                            config["SEED"])
-        data["train"] = subsample(data["train"], config["TRAIN_SAMPLES"], config["SEED"], "train")
-        data["test"] = subsample(data["test"], config["EVAL_SAMPLES"], config["SEED"], "test")
-        model_name = local_or_hub(config["MODEL_NAME"])
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise InputError(f"no saved adapter in {adapter_dir}; train first (python fine_tune_sentiment.py) "
+                         f"or point --output-dir at a finished run")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    transformers.logging.set_verbosity_error()  # else "head newly initialized": true of the base, not of the adapter
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    names = tokenizer.init_kwargs.get("id2label", ID2LABEL)  # the base's config lacks our label names
+    id2label = {int(i): name for i, name in names.items()}
+    try:
+        model = AutoPeftModelForSequenceClassification.from_pretrained(
+            str(adapter_dir), use_safetensors=True, id2label=id2label, label2id={n: i for i, n in id2label.items()})
+    except OSError as error:  # e.g. the base model is a hub id and the hub is out of reach
+        raise InputError(f"could not load the adapter in {adapter_dir}: {one_line(error)}") from error
+    return model.to(device), tokenizer
+
+def read_stdin_reviews() -> list[str]:
+    """Read one review per line from stdin; skip blank lines and lines that are not UTF-8 text."""
+    reviews = []
+    for number, raw in enumerate(sys.stdin.buffer.read().split(b"\n"), start=1):
         try:
-            model = build_model(model_name, config["TARGET_MODULES"], config["LORA_R"], config["LORA_ALPHA"],
-                                config["LORA_DROPOUT"], data["train"].features["labels"].names)
-            tokenizer = load_tokenizer(model_name, config["MAX_LENGTH"],
-                                       getattr(model.config, "max_position_embeddings", None), config["TRUNCATION"])
-        except OSError as error:  # not found, offline and not cached, or no safetensors weights
-            raise InputError(f"could not load model {config['MODEL_NAME']!r}: {one_line(error)}") from error
-        data = tokenize(data, tokenizer)
-    precision, speedup = resolve_precision(config["PRECISION"], has_gpu, model.config.hidden_size)
-    trainer, train_metrics = train(model, tokenizer, data, config, has_gpu, precision, args.fresh, args.quiet)
-    metrics = evaluate(trainer)
-    trainable, total = model.get_nb_trainable_parameters()
-    metrics |= {
-        "train_samples": len(data["train"]), "eval_samples": len(data["test"]),
-        "train_seconds": round(train_metrics["train_runtime"], 1),
-        "train_samples_per_second": round(train_metrics["train_samples_per_second"], 2),
-        "trainable_params": trainable, "total_params": total,
-        "device": device, "preset": preset, "precision": precision, "bf16_speedup": speedup and round(speedup, 2),
-        "world_size": world, "backend": backend, "labels": list(model.config.id2label.values()),
-        "lora_targets": short_names(model.peft_config["default"].target_modules), "date": time.strftime("%Y-%m-%d"),
-        "config": config}  # throughputs are totals over the processes
-    if rank:
-        return metrics  # the main process prints and saves
-    print_metrics(metrics)
-    samples = config["SAMPLE_REVIEWS"]
-    print_predictions(samples, predict(model, tokenizer, samples, precision=precision))
-    history = trainer.state.log_history
-    if not any("eval_accuracy" in h for h in history):  # one epoch: the final evaluation is the only one
-        history = history + [{"step": trainer.state.global_step, "eval_loss": metrics["eval_loss"],
-                              "eval_accuracy": metrics["eval_accuracy"]}]
-    paths = save_outputs(model, tokenizer, metrics, history, Path(config["OUTPUT_DIR"]), config["MERGE"])
-    shutil.rmtree(Path(config["OUTPUT_DIR"]) / "checkpoints", ignore_errors=True)  # finished: nothing to resume
-    log.info(f"Done: accuracy {metrics['eval_accuracy']:.4f}, F1 {metrics['eval_f1']:.4f}, trained in "
-             f"{metrics['train_seconds']:.0f}s | " + " | ".join(f"{k}: {p}" for k, p in paths.items()))
-    return metrics
+            if b"\0" in raw:
+                raise UnicodeDecodeError("utf-8", raw, 0, 1, "binary data")
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError:
+            log.warning(f"warning: skipping stdin line {number}: not valid UTF-8 text")
+            continue
+        if line.strip():
+            reviews.append(line)
+    return reviews
 
+def read_chunks(path: Path, text_column: str, rows: int = 10_000):
+    """Yield a data file as DataFrames of at most `rows` rows, in order; csv and tsv values stay text as written."""
+    import pandas as pd
+
+    kind = path.suffix.lower()
+    if kind in (".csv", ".tsv"):
+        yield from pd.read_csv(path, sep="\t" if kind == ".tsv" else ",", dtype=str, keep_default_na=False,
+                               chunksize=rows)
+    elif kind == ".jsonl":
+        yield from pd.read_json(path, lines=True, dtype=False, chunksize=rows)
+    elif kind == ".json":  # one JSON array cannot be read in pieces; .jsonl can
+        frame = pd.read_json(path, dtype=False)
+        yield from (frame[start:start + rows] for start in range(0, max(len(frame), 1), rows))
+    elif kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from (batch.to_pandas() for batch in pq.ParquetFile(path).iter_batches(batch_size=rows))
+    else:  # .txt: one review per line
+        with open(path, encoding="utf-8", errors="replace", newline="") as lines:
+            while chunk := [line.rstrip("\r\n") for line in itertools.islice(lines, rows)]:
+                yield pd.DataFrame({text_column: chunk})
+
+@contextmanager
+def open_writer(path: Path, kind: str):
+    """Yield write(frame), which appends rows to path as csv, jsonl or parquet (kind); close it at the end."""
+    if kind == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        writer = None
+
+        def write(frame):
+            nonlocal writer
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            writer = writer or pq.ParquetWriter(path, table.schema)
+            writer.write_table(table.cast(writer.schema))
+
+        try:
+            yield write
+        finally:
+            if writer:
+                writer.close()
+        return
+    with open(path, "w", encoding="utf-8", newline="") as out:
+        def write(frame):
+            if kind == ".csv":
+                frame.to_csv(out, header=out.tell() == 0, index=False)
+            elif len(frame):
+                out.write(frame.to_json(orient="records", lines=True, force_ascii=False).rstrip("\n") + "\n")
+
+        yield write
+
+# The machinery: flags, logging, processes, precision, sources, files ------------------------------------------
+
+class InputError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, then either train (default) or predict with a saved adapter; return the exit code."""
@@ -1174,6 +962,272 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
+def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]:
+    """Build one flag per setting (from the constants block) and return (settings, run options)."""
+    comments = dict(re.findall(r"^([A-Z_]+):.*?#\s*(.+)$", Path(__file__).read_text(), re.M))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage="%(prog)s [--SETTING VALUE ...] [--predict TEXT ...] (see --help)",
+                                     allow_abbrev=False)
+    for name in SETTINGS:
+        kind, default = str(__annotations__[name]), globals()[name]  # the annotation is text, e.g. "int | None"
+        flag = "--" + name.lower().replace("_", "-")
+        helptext = f"{comments.get(name, '')} (default: {default!r})".replace("%", "%%")
+        if kind == "bool":
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+        elif kind.startswith("list"):
+            parser.add_argument(flag, dest=name, nargs="+", default=default, metavar="TEXT", help=helptext)
+        else:
+            parser.add_argument(flag, dest=name, type=value_parser(name, kind), default=default, help=helptext)
+    parser.add_argument("--predict", nargs="+", metavar="TEXT", help="load OUTPUT_DIR/adapter and classify TEXT "
+                        "without training; '-' reads one review per line from stdin")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate OUTPUT_DIR/adapter on DATASET_NAME (its "
+                        "test split, or a whole data file) into OUTPUT_DIR/eval_metrics.json, without training")
+    parser.add_argument("--predict-file", metavar="IN", help="score every row of IN (.csv .tsv .jsonl .json .parquet "
+                        ".txt) with OUTPUT_DIR/adapter; the text is in TEXT_COLUMN")
+    parser.add_argument("--predictions", metavar="OUT", help="where --predict-file writes (.csv .jsonl .parquet; "
+                        "default OUTPUT_DIR/predictions.csv): every input row and column, plus the prediction")
+    parser.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run; start over")
+    parser.add_argument("--quiet", action="store_true", help="print only the metrics and the predictions")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    args = parser.parse_args(argv)
+    return {name: getattr(args, name) for name in SETTINGS}, args
+
+def value_parser(name: str, kind: str) -> callable:
+    """Return an argparse type that checks a flag value against the setting's type and range."""
+    base = int if "int" in kind else float if "float" in kind else str
+
+    def parse(text: str):
+        if "None" in kind and text.lower() in ("none", "auto"):
+            return None
+        if name in CHOICES:
+            if text.lower() not in CHOICES[name]:
+                raise argparse.ArgumentTypeError(f"expected one of {', '.join(CHOICES[name])}, got {text!r}")
+            return text.lower()
+        try:
+            value = base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
+        if base is not str and (value < 0 or not np.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
+        if name in ("LEARNING_RATE", "EPOCHS", "BATCH_SIZE", "LORA_R", "MAX_LENGTH") and value == 0:
+            raise argparse.ArgumentTypeError("must be greater than 0")
+        if name in ("WARMUP", "LORA_DROPOUT") and value >= 1:
+            raise argparse.ArgumentTypeError(f"must be below 1, got {text!r}")
+        return value
+
+    parse.__name__ = base.__name__  # argparse names the type in its error messages
+    return parse
+
+def apply_preset(config: dict, has_gpu: bool) -> str:
+    """Fill the settings left at None from the hardware preset; return the preset's name."""
+    preset = "gpu" if has_gpu else "cpu"
+    for name, value in PRESETS[preset].items():
+        if config[name] is None:
+            config[name] = value
+    return preset
+
+def setup_logging(quiet: bool) -> None:
+    """Our messages go to stderr plainly; the libraries' routine chatter is turned down at the source."""
+    import datasets
+    import transformers
+
+    logging.basicConfig(format="%(message)s", stream=sys.stderr, force=True)
+    main = is_main()
+    quiet = quiet or not main  # under torchrun only the main process reports; the others show only errors
+    log.setLevel(logging.ERROR if not main else logging.WARNING if quiet else logging.INFO)
+    transformers.logging.set_verbosity_error() if quiet else transformers.logging.set_verbosity_warning()
+    if quiet:
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # avoids the fork warning from the tokenizers crate
+    for noise in (".*is_gradient_checkpointing.*", ".*null_placement.*"):  # from peft and pyarrow internals
+        warnings.filterwarnings("ignore", message=noise, category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator.*")  # the Trainer's default, on CPU
+
+def print_metrics(metrics: dict) -> None:
+    """Print the metrics block: one 'name: value' per line, easy to scan and to parse."""
+    print("=== eval metrics ===")
+    for key in ("eval_accuracy", "eval_f1", "eval_precision", "eval_recall", "eval_loss"):
+        print(f"{key}: {metrics[key]:.4f}")
+    if len(metrics["confusion_matrix"]) == 2:
+        (tn, fp), (fn, tp) = metrics["confusion_matrix"]
+        print(f"confusion_matrix: [[tn={tn}, fp={fp}], [fn={fn}, tp={tp}]]")
+    else:  # rows are the true classes, columns the predicted ones, both in class order
+        print(f"per_class_f1: {json.dumps(metrics['per_class_f1'])}")
+        print(f"confusion_matrix: {json.dumps(metrics['confusion_matrix'])}")
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes; torchrun and accelerate launch set both, else 0 and 1."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+def is_main() -> bool:
+    """True in the process that prints and saves: the only one, or rank 0 under torchrun."""
+    return rank_and_world()[0] == 0
+
+def join_processes(has_gpu: bool) -> str | None:
+    """Under torchrun, join the process group (NCCL on GPUs, gloo on CPU) and share the cores; return the backend."""
+    import torch
+    from accelerate import PartialState
+
+    if "LOCAL_RANK" not in os.environ:  # a plain python run; torchrun sets it, also for one process
+        return None
+    PartialState(cpu=not has_gpu)  # what the Trainer does later; done now so data preparation can take turns
+    if not has_gpu:  # torchrun gives each process 1 thread; a process should get its share of the cores
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    return torch.distributed.get_backend()
+
+@contextmanager
+def main_process_first():
+    """Run the block on the main process first (it writes the caches), then on the others (they read them)."""
+    import torch.distributed as dist
+
+    together, main = dist.is_available() and dist.is_initialized(), is_main()
+    if together and not main:
+        try:
+            dist.barrier()
+        except RuntimeError:  # the main process failed first and printed why; torchrun ends this one anyway
+            raise SystemExit(1) from None
+    yield
+    if together and main:
+        dist.barrier()
+
+def from_main(value):
+    """Under torchrun, every process takes the main process's value, so they all decide alike."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+def cpu_may_have_fast_bf16() -> bool:
+    """False on an x86 Linux CPU whose flags lack avx512_bf16 and amx_bf16 (bf16 is emulated there, many times
+    slower, and its first use alone takes seconds); True where that is not ruled out, so the probe decides."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if platform.machine().lower() not in ("x86_64", "amd64") or not cpuinfo.exists():
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("flags")), None)
+    return flags is None or bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+def bf16_speedup(width: int, seconds: float = 0.2) -> float:
+    """Time width-wide matmuls on this CPU in fp32 and in bf16; return how many times faster bf16 ran."""
+    import torch
+
+    width = max(width, 256)  # at a tiny test model's width the timing would be all overhead
+    x, w = torch.randn(128, width), torch.randn(width, width)
+
+    def seconds_per_call(dtype) -> float:
+        a, b = x.to(dtype), w.to(dtype)
+        a @ b  # warm-up: the first bf16 call picks and builds its kernel
+        calls, start = 0, time.perf_counter()
+        while calls == 0 or time.perf_counter() - start < seconds:  # without fast bf16 one call can take 0.1 s
+            a @ b
+            calls += 1
+        return (time.perf_counter() - start) / calls
+
+    return seconds_per_call(torch.float32) / seconds_per_call(torch.bfloat16)
+
+def choose_precision(requested: str, has_gpu: bool, gpu_has_bf16: bool = False, speedup: float | None = None) -> str:
+    """Resolve PRECISION for this hardware: on a CPU, auto takes bf16 only where the probe measured it fast."""
+    if has_gpu:
+        if requested == "bf16" and not gpu_has_bf16:
+            raise InputError("this GPU has no bf16 support; use --precision fp16, fp32 or auto")
+        return ("bf16" if gpu_has_bf16 else "fp16") if requested == "auto" else requested
+    if requested == "fp16":
+        raise InputError("fp16 needs a GPU (CPU autocast runs bf16 only); use --precision bf16, fp32 or auto")
+    fast = speedup is not None and speedup >= FAST_BF16
+    if requested == "bf16" and not fast:
+        found = f"measured {speedup:.2f}x the speed of fp32" if speedup else "has no avx512_bf16 or amx_bf16"
+        log.warning(f"warning: bf16 on this CPU {found}; it will be slow (--precision auto picks the faster one)")
+    return "bf16" if requested == "bf16" or (requested == "auto" and fast) else "fp32"
+
+def resolve_precision(requested: str, has_gpu: bool, width: int) -> tuple[str, float | None]:
+    """Measure what the hardware needs measured, then choose; return (precision, measured bf16 speedup or None)."""
+    import torch
+
+    speedup, note = None, ""
+    if has_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
+        precision = choose_precision(requested, True, torch.cuda.is_bf16_supported())
+    else:
+        if requested in ("auto", "bf16") and not cpu_may_have_fast_bf16():
+            note = "; no avx512_bf16 or amx_bf16 in this CPU's flags, so bf16 was not timed"
+        elif requested in ("auto", "bf16"):  # the main process times; the others take its result
+            speedup = from_main(bf16_speedup(width) if is_main() else None)
+            note = f"; bf16 matmuls ran {speedup:.2f}x as fast as fp32 on this CPU"
+        precision = choose_precision(requested, False, speedup=speedup)
+    log.info(f"Precision: {precision} ({requested}{note})")
+    return precision, speedup
+
+def check_source(name: str, what: str) -> None:
+    """Fail fast on a missing local path, or on a hub id when the hub cannot be reached."""
+    if Path(name).expanduser().exists():
+        return
+    if name.startswith((".", "/", "~")) or Path(name).suffix in DATA_FILE_TYPES or "\\" in name:
+        raise InputError(f"{what} {name!r} does not exist; pass an existing local path or a hub id")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return  # the libraries look in the local cache and fail fast themselves
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # a direct probe says nothing when traffic goes through a proxy
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        raise InputError(f"cannot reach the Hugging Face hub to fetch {what} {name!r}; pass a local folder "
+                         f"instead (see README 'Try it without internet'), or set HF_HUB_OFFLINE=1 to use "
+                         f"the local cache") from None
+
+def check_tracker(report_to: str, output_dir: Path) -> None:
+    """Fail fast, in one line, on a tracker the Trainer does not know or whose package is missing."""
+    import importlib.util
+
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    if report_to in ("none", "all"):
+        return
+    if report_to not in INTEGRATION_TO_CALLBACK:
+        raise InputError(f"unknown REPORT_TO {report_to!r}; use none, all or one of: "
+                         f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+    module, package = TRACKER_PACKAGES.get(report_to, (report_to, report_to))
+    if importlib.util.find_spec(module) is None:
+        raise InputError(f"REPORT_TO {report_to!r} needs a package that is not installed: pip install {package}")
+    if report_to == "tensorboard":  # the Trainer's default is inside checkpoints/, which a finished run removes
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / "runs")
+
+def local_or_hub(name: str) -> str:
+    """An existing local path made absolute (the adapter records it, and --predict may run elsewhere), else name."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+def short_names(targets: set | str) -> list[str]:
+    """LoRA's target modules as short names (all-linear lists every full path)."""
+    return [targets] if isinstance(targets, str) else sorted({name.split(".")[-1] for name in targets})
+
+def one_line(error: BaseException) -> str:
+    """The first line of an exception message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically: a crash leaves the old file, never half of the new one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+def write_dir(path: Path, write) -> None:
+    """Fill a temporary folder with write(tmp), then swap it in for path; the old copy goes only after."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(str(tmp))
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
 
 if __name__ == "__main__":
     sys.exit(main())
