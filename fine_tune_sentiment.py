@@ -58,11 +58,15 @@ LEARNING_RATE: float = 5e-4  # LoRA wants about 10x full fine-tuning's 5e-5
 WARMUP: float = 0.06  # fraction of steps spent warming the learning rate up from 0
 WEIGHT_DECAY: float = 0.01  # AdamW weight decay on the trainable weights
 EARLY_STOPPING: int = 0  # with EPOCHS > 1, stop after this many evaluations without better accuracy; 0 = off
+VALIDATION: float = 0.1  # with EPOCHS > 1, the share of training rows that picks the best epoch (the data's own
+# validation split where it has one); 0 = pick on the test split, which makes its accuracy optimistic
+SCHEDULER: str = "linear"  # how the learning rate decays after warmup: linear or cosine
 # LoRA
 LORA_R: int = 8  # rank of the low-rank update; 4-16 is typical
 LORA_ALPHA: int = 16  # update scale is alpha / r; 2 * r is the usual choice
 LORA_DROPOUT: float = 0.1  # dropout on the LoRA branch input
 TARGET_MODULES: list[str] | None = None  # None = q_lin v_lin (DistilBERT) or query value (BERT); or all-linear
+LORA_VARIANT: str = "lora"  # lora; rslora (scale alpha / sqrt(r)); dora (weight-decomposed, slower per step)
 # speed
 PRECISION: str = "auto"  # auto (bf16 where measured fast; GPU: bf16, else fp16; else fp32), fp32, bf16 or fp16
 # run
@@ -88,7 +92,8 @@ SENTIMENT_NAMES = {"neg": "negative", "negative": "negative", "neu": "neutral", 
                    "pos": "positive", "positive": "positive"}  # string labels read as these, case-insensitively
 SENTIMENT_ORDER = ["negative", "neutral", "positive"]  # their class order; other names follow, sorted
 MAX_CLASSES = 100  # more is probably the wrong column
-CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "TRUNCATION": ("head+tail", "head")}  # one of a few words
+CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "TRUNCATION": ("head+tail", "head"),  # one of a few words
+           "SCHEDULER": ("linear", "cosine"), "LORA_VARIANT": ("lora", "rslora", "dora")}
 FAST_BF16 = 1.3  # auto picks bf16 on a CPU only where its matmuls measured at least this much faster than fp32
 TRACKER_PACKAGES = {"comet_ml": ("comet_ml", "comet-ml"), "azure_ml": ("azureml", "azureml-core")}  # else name, name
 PREDICT_FILE_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")  # --predict-file reads these
@@ -111,7 +116,7 @@ def run_training(config: dict, args: argparse.Namespace) -> dict:
         data = tokenize(data, tokenizer)  # 3. tokenize once; batches are padded later
     run.precision, run.speedup = resolve_precision(config["PRECISION"], run.has_gpu, model.config.hidden_size)
     trainer, train_metrics = train(model, tokenizer, data, run)  # 4. train
-    metrics = evaluate(trainer, data["test"]) | describe(run, model, data, train_metrics)  # 5. evaluate
+    metrics = evaluate(trainer, data["test"]) | describe(run, model, data, trainer, train_metrics)  # 5. evaluate
     if not is_main():
         return metrics  # the main process prints and saves
     print_metrics(metrics)
@@ -160,6 +165,17 @@ def load_data(config: dict) -> DatasetDict:
                         config["SEED"])
     data["train"] = subsample(data["train"], config["TRAIN_SAMPLES"], config["SEED"], "train")
     data["test"] = subsample(data["test"], config["EVAL_SAMPLES"], config["SEED"], "test")
+    if config["EPOCHS"] == 1:
+        data.pop("validation", None)  # one epoch: nothing to pick, nothing held out
+    elif "validation" not in data and config["VALIDATION"]:
+        try:
+            held = data["train"].train_test_split(test_size=config["VALIDATION"], seed=config["SEED"],
+                                                  stratify_by_column="labels")
+        except ValueError as error:  # a class too small to be split both ways
+            raise InputError(f"cannot hold out VALIDATION={config['VALIDATION']} of train: {one_line(error)}") from error
+        data["train"], data["validation"] = held["train"], held["test"]
+    elif "validation" not in data:
+        log.warning("warning: VALIDATION=0: the best epoch is picked on the test split, so its accuracy is optimistic")
     return data
 
 
@@ -211,7 +227,8 @@ def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: in
     if names is not None:
         data = DatasetDict({"test": raw[eval_split or next(iter(raw))]})  # a single file loads as 'train'
     else:
-        data = DatasetDict({s: raw[s] for s in ("train", eval_split) if s})  # never IMDB's 'unsupervised'
+        keep = ("train", eval_split, "validation" if eval_split == "test" else None)  # never IMDB's 'unsupervised'
+        data = DatasetDict({s: raw[s] for s in keep if s in raw})
     columns = next(iter(data.values())).column_names
     for role, column in (("text", text_column), ("label", label_column)):
         if column not in columns:
@@ -318,7 +335,7 @@ def load_model(config: dict, names: list[str]):
     model_name = local_or_hub(config["MODEL_NAME"])
     try:
         model = build_model(model_name, config["TARGET_MODULES"], config["LORA_R"], config["LORA_ALPHA"],
-                            config["LORA_DROPOUT"], names)
+                            config["LORA_DROPOUT"], names, config["LORA_VARIANT"])
         tokenizer = load_tokenizer(model_name, config["MAX_LENGTH"],
                                    getattr(model.config, "max_position_embeddings", None), config["TRUNCATION"])
     except OSError as error:  # not found, offline and not cached, or no safetensors weights
@@ -327,7 +344,7 @@ def load_model(config: dict, names: list[str]):
 
 
 def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, lora_alpha: int,
-                lora_dropout: float, names: list[str] = tuple(ID2LABEL.values())):
+                lora_dropout: float, names: list[str] = tuple(ID2LABEL.values()), variant: str = "lora"):
     """Load the pretrained encoder with a head for the classes and wrap it in LoRA; the head trains fully."""
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -348,7 +365,8 @@ def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, 
                          f"NAME [NAME ...] or --target-modules all-linear")
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                       target_modules=targets[0] if targets == ["all-linear"] else targets,
-                      modules_to_save=HEAD_MODULES.get(model_type, ["classifier", "score"]))
+                      modules_to_save=HEAD_MODULES.get(model_type, ["classifier", "score"]),
+                      use_rslora=variant == "rslora", use_dora=variant == "dora")
     try:
         model = get_peft_model(model, lora)
     except ValueError as error:  # peft's "target modules not found"
@@ -412,7 +430,7 @@ def train(model, tokenizer, data: DatasetDict, run: Run):
     stop_early = [EarlyStoppingCallback(config["EARLY_STOPPING"])] if config["EARLY_STOPPING"] and config[
         "EPOCHS"] > 1 else []  # it compares evaluations, and one epoch has only the final one
     trainer = Trainer(model=model, args=training_arguments(run, checkpoints, len(data["train"])),
-                      train_dataset=data["train"], eval_dataset=data["test"].sort("length"),  # sorted: less padding
+                      train_dataset=data["train"], eval_dataset=data.get("validation", data["test"]).sort("length"),
                       data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if run.has_gpu else None),
                       processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[interrupt, *stop_early])
     if run.quiet:
@@ -443,7 +461,8 @@ def training_arguments(run: Run, output_dir: Path, train_rows: int):
         save_strategy="epoch",
         save_total_limit=2,
         load_best_model_at_end=multi_epoch,
-        metric_for_best_model="accuracy",
+        metric_for_best_model="accuracy",  # on the validation split: the test split is evaluated once, at the end
+        lr_scheduler_type=config["SCHEDULER"],
         logging_steps=max(1, train_rows // config["BATCH_SIZE"] // 10),
         bf16=run.precision == "bf16",  # autocast: the weights, and so the saved adapter, stay fp32
         fp16=run.precision == "fp16",
@@ -560,7 +579,7 @@ def scores(matrix: list[list[int]]) -> dict:
     return {"accuracy": float(hits.sum() / matrix.sum()), "f1": pick(f1), "precision": pick(precision),
             "recall": pick(recall), "per_class_f1": [round(float(x), 4) for x in f1]}
 
-def describe(run: Run, model, data: DatasetDict, train_metrics: dict) -> dict:
+def describe(run: Run, model, data: DatasetDict, trainer, train_metrics: dict) -> dict:
     """What metrics.json records about the run besides the scores: sizes, speed, hardware, settings."""
     trainable, total = model.get_nb_trainable_parameters()
     return {"train_samples": len(data["train"]), "eval_samples": len(data["test"]),
@@ -570,7 +589,18 @@ def describe(run: Run, model, data: DatasetDict, train_metrics: dict) -> dict:
             "precision": run.precision, "bf16_speedup": run.speedup and round(run.speedup, 2),
             "world_size": rank_and_world()[1], "backend": run.backend, "labels": list(model.config.id2label.values()),
             "lora_targets": short_names(model.peft_config["default"].target_modules),
-            "date": time.strftime("%Y-%m-%d"), "config": run.config}
+            "date": time.strftime("%Y-%m-%d"), "config": run.config} | selection(trainer.state, data)
+
+
+def selection(state, data: DatasetDict) -> dict:
+    """How the kept epoch was chosen: on which split, its accuracy per epoch, and the epoch the Trainer kept."""
+    accuracies = [h["eval_accuracy"] for h in state.log_history if "eval_accuracy" in h]
+    if not accuracies:
+        return {}
+    steps_per_epoch = state.max_steps / state.num_train_epochs
+    return {"selected_on": "validation" if "validation" in data else "test",
+            "validation_samples": len(data["validation"]) if "validation" in data else 0,
+            "accuracy_per_epoch": accuracies, "best_epoch": round(state.best_global_step / steps_per_epoch)}
 
 
 # 6. Predict -------------------------------------------------------------------------------------------------------
@@ -1011,7 +1041,7 @@ def value_parser(name: str, kind: str) -> callable:
             raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
         if name in ("LEARNING_RATE", "EPOCHS", "BATCH_SIZE", "LORA_R", "MAX_LENGTH") and value == 0:
             raise argparse.ArgumentTypeError("must be greater than 0")
-        if name in ("WARMUP", "LORA_DROPOUT") and value >= 1:
+        if name in ("WARMUP", "LORA_DROPOUT", "VALIDATION") and value >= 1:
             raise argparse.ArgumentTypeError(f"must be below 1, got {text!r}")
         return value
 

@@ -58,7 +58,7 @@ def test_every_eval_row_counted_once(two_runs):
     metrics = two_runs["metrics"]["two"]
     assert metrics["world_size"] == 2 and metrics["backend"] == ("nccl" if GPU else "gloo")
     assert metrics["eval_samples"] == sum(map(sum, metrics["confusion_matrix"])) == 200  # not 100, nor padded
-    assert metrics["train_samples"] == 600
+    assert metrics["train_samples"] + metrics["validation_samples"] == 600
 
 
 def test_loss_is_the_one_process_loss_of_the_same_adapter(two_runs, imdb_folder, tmp_path):

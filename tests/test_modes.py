@@ -154,7 +154,8 @@ def test_early_stopping_ends_before_the_last_epoch(run_args, tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     evaluations = [h for h in metrics["history"] if "eval_accuracy" in h]
     assert 2 <= len(evaluations) < 12
-    assert metrics["eval_accuracy"] == max(h["eval_accuracy"] for h in evaluations)  # the best epoch is kept
+    accuracies = metrics["accuracy_per_epoch"]
+    assert metrics["best_epoch"] == accuracies.index(max(accuracies)) + 1  # the best validation epoch is kept
 
 
 def test_tensorboard_writes_event_files(run_args, tmp_path):
@@ -169,3 +170,57 @@ def test_unknown_or_missing_tracker(run_args, capsys):
     missing = next(name for name in ("wandb", "mlflow", "clearml", "dvclive") if importlib.util.find_spec(name) is None)
     assert f"needs a package that is not installed: pip install {missing}" in fails_with(
         run_args + ["--report-to", missing], capsys)
+
+
+def test_the_best_epoch_is_picked_on_validation_and_test_is_evaluated_once(run_args, tmp_path, monkeypatch):
+    sizes = []
+    scored = fts.compute_metrics
+
+    def spy(eval_pred):
+        sizes.append(len(eval_pred[1]))
+        return scored(eval_pred)
+
+    monkeypatch.setattr(fts, "compute_metrics", spy)
+    out = tmp_path / "out"
+    assert fts.main(run_args + ["--epochs", "3", "--validation", "0.2", "--output-dir", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selected_on"] == "validation" and metrics["validation_samples"] == 120
+    assert metrics["train_samples"] == 480 and metrics["eval_samples"] == 200
+    assert sizes == [120, 120, 120, 200]  # each epoch on the 120 validation rows; the 200 test rows once, last
+    accuracies = metrics["accuracy_per_epoch"]
+    assert len(accuracies) == 3 and metrics["best_epoch"] == accuracies.index(max(accuracies)) + 1
+
+
+def test_validation_comes_from_the_data_or_not_at_all(run_args, imdb_folder, tmp_path, capsys):
+    folder = tmp_path / "three-splits"
+    folder.mkdir()
+    for split, seed, n in (("train", 1, 300), ("validation", 5, 50), ("test", 2, 100)):
+        pd.DataFrame(make_reviews(n, seed), columns=["text", "label"]).to_parquet(folder / f"{split}.parquet")
+    own = tmp_path / "own"
+    assert fts.main(run_args + ["--dataset-name", str(folder), "--epochs", "2", "--output-dir", str(own), "--quiet"]) == 0
+    metrics = json.loads((own / "metrics.json").read_text())
+    assert (metrics["validation_samples"], metrics["train_samples"], metrics["eval_samples"]) == (50, 300, 100)
+    one = tmp_path / "one"
+    assert fts.main(run_args + ["--epochs", "1", "--output-dir", str(one), "--quiet"]) == 0
+    metrics = json.loads((one / "metrics.json").read_text())
+    assert metrics["train_samples"] == 600 and "validation_samples" not in metrics  # one epoch: nothing held out
+    capsys.readouterr()
+    zero = tmp_path / "zero"
+    assert fts.main(run_args + ["--epochs", "2", "--validation", "0", "--output-dir", str(zero)]) == 0
+    assert "picked on the test split, so its accuracy is optimistic" in capsys.readouterr().err
+    assert json.loads((zero / "metrics.json").read_text())["selected_on"] == "test"
+
+
+@pytest.mark.parametrize("variant", ["rslora", "dora"])
+def test_lora_variants_and_cosine_schedule_train_and_reload(run_args, tmp_path, variant):
+    out = tmp_path / variant
+    args = run_args + ["--lora-variant", variant, "--scheduler", "cosine", "--output-dir", str(out), "--quiet"]
+    assert fts.main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_accuracy"] >= 0.75  # chance is 0.5; 0.795 (rslora) and 0.88 (dora) at seed 42, fp32
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_rslora"] == (variant == "rslora") and saved["use_dora"] == (variant == "dora")
+    rates = [h["learning_rate"] for h in metrics["history"] if "learning_rate" in h]
+    assert rates[0] > rates[len(rates) // 2] > rates[-1]  # it decays
+    model, tokenizer = fts.load_adapter(out / "adapter")
+    assert fts.predict(model, tokenizer, ["great wonderful"])[0][0] == "POSITIVE"

@@ -28,7 +28,8 @@ def test_metrics_json_has_every_field_and_both_classes(trained):
     (tn, fp), (fn, tp) = metrics["confusion_matrix"]
     assert tn + fp > 0 and fn + tp > 0  # both classes were evaluated
     assert tn + fp + fn + tp == metrics["eval_samples"] == 200  # the whole test split, no unsupervised rows
-    assert metrics["train_samples"] == 600  # train only: the 40 unsupervised (-1) rows are not used
+    assert metrics["train_samples"] == 540 and metrics["validation_samples"] == 60  # 4 epochs: 10% picks the best
+    # train only: the 40 unsupervised (-1) rows are not used
     assert metrics["config"]["EPOCHS"] == 4 and metrics["device"] == DEVICE
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
 
