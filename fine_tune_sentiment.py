@@ -11,6 +11,7 @@ and saves a reusable adapter. Two classes or more, as the data says; long review
     python fine_tune_sentiment.py --predict "This movie was fantastic!"  # reuse the saved adapter
     python fine_tune_sentiment.py --eval-only --dataset-name new.csv     # evaluate it on new data
     python fine_tune_sentiment.py --predict-file in.csv --predictions out.csv  # score a whole file
+    python fine_tune_sentiment.py --export-onnx && python fine_tune_sentiment.py --runtime onnx-int8 --predict "Fun!"
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ LORA_DROPOUT: float = 0.1  # dropout on the LoRA branch input
 TARGET_MODULES: list[str] | None = None  # None = q_lin v_lin (DistilBERT) or query value (BERT); or all-linear
 LORA_VARIANT: str = "lora"  # lora; rslora (scale alpha / sqrt(r)); dora (weight-decomposed, slower per step)
 # speed
+RUNTIME: str = "torch"  # what --predict, --predict-file and --eval-only run on: torch, onnx or onnx-int8 (no torch)
 PRECISION: str = "auto"  # auto (bf16 where measured fast; GPU: bf16, else fp16; else fp32), fp32, bf16 or fp16
 # run
 SEED: int = 42  # seeds shuffling, subsets, LoRA init and dropout: same seed, same CPU result
@@ -93,7 +95,8 @@ SENTIMENT_NAMES = {"neg": "negative", "negative": "negative", "neu": "neutral", 
 SENTIMENT_ORDER = ["negative", "neutral", "positive"]  # their class order; other names follow, sorted
 MAX_CLASSES = 100  # more is probably the wrong column
 CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "TRUNCATION": ("head+tail", "head"),  # one of a few words
-           "SCHEDULER": ("linear", "cosine"), "LORA_VARIANT": ("lora", "rslora", "dora")}
+           "SCHEDULER": ("linear", "cosine"), "LORA_VARIANT": ("lora", "rslora", "dora"),
+           "RUNTIME": ("torch", "onnx", "onnx-int8")}
 FAST_BF16 = 1.3  # auto picks bf16 on a CPU only where its matmuls measured at least this much faster than fp32
 TRACKER_PACKAGES = {"comet_ml": ("comet_ml", "comet-ml"), "azure_ml": ("azureml", "azureml-core")}  # else name, name
 PREDICT_FILE_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")  # --predict-file reads these
@@ -103,6 +106,7 @@ log = logging.getLogger("fine_tune_sentiment")
 
 
 # The training story: what `python fine_tune_sentiment.py` does, step by step ------------------------------------
+
 
 def run_training(config: dict, args: argparse.Namespace) -> dict:
     """Load and prepare the data, tokenize it, wrap the model in LoRA, train, evaluate, predict, save."""
@@ -159,6 +163,7 @@ def start_run(config: dict, args: argparse.Namespace) -> Run:
 
 # 1. Load and prepare the data ------------------------------------------------------------------------------------
 
+
 def load_data(config: dict) -> DatasetDict:
     """The train and test splits, cleaned, with class ids, subsampled after a seeded shuffle."""
     data = prepare_data(load_raw_data(config["DATASET_NAME"]), config["TEXT_COLUMN"], config["LABEL_COLUMN"],
@@ -198,6 +203,7 @@ def load_raw_data(dataset_name: str) -> DatasetDict:
     except (OSError, ValueError) as error:  # the libraries' not-found, offline and format errors
         raise InputError(f"could not load dataset {dataset_name!r}: {one_line(error)}") from error
 
+
 def load_aclimdb(path: Path) -> DatasetDict:
     """Read the original aclImdb/ folder (split/pos/*.txt, split/neg/*.txt); unsup/ is never read."""
     from datasets import Dataset, DatasetDict
@@ -212,6 +218,7 @@ def load_aclimdb(path: Path) -> DatasetDict:
         if texts:
             splits[split] = Dataset.from_dict({"text": texts, "label": labels})
     return DatasetDict(splits)
+
 
 def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: int,
                  names: list[str] | None = None) -> DatasetDict:
@@ -270,6 +277,7 @@ def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: in
         data["test"] = data.pop(eval_split)
     return data
 
+
 def label_key(value, feature):
     """A raw label as an int or a lower-case name (neg read as negative); None for unlabelled (None, NaN, empty,
     or IMDB's -1)."""
@@ -287,6 +295,7 @@ def label_key(value, feature):
     if value is None or value == -1 or value == "":
         return None
     return value
+
 
 def class_names(data: DatasetDict, feature, label_column: str) -> tuple[list[str], dict]:
     """Name the classes found in the cleaned train rows, in a stable order; return (names, key -> class id)."""
@@ -319,6 +328,7 @@ def class_names(data: DatasetDict, feature, label_column: str) -> tuple[list[str
         names = list(ID2LABEL.values())  # binary sentiment keeps NEGATIVE/POSITIVE, as before
     return names, {key: i for i, key in enumerate(order)}
 
+
 def subsample(data: Dataset, n: int, seed: int, split: str) -> Dataset:
     """Draw n rows after a seeded shuffle (IMDB is sorted by label); 0 or too many means all rows."""
     if n > len(data):
@@ -328,6 +338,7 @@ def subsample(data: Dataset, n: int, seed: int, split: str) -> Dataset:
     return data.shuffle(seed=seed).select(range(n))
 
 # 2. The model: a pretrained encoder, a head for the classes, LoRA around it ------------------------------------
+
 
 def load_model(config: dict, names: list[str]):
     """The LoRA-wrapped model and its tokenizer, from a hub id or a local folder."""
@@ -377,6 +388,7 @@ def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, 
 
 # 3. Tokenize ------------------------------------------------------------------------------------------------------
 
+
 def load_tokenizer(model_name: str, max_length: int, model_limit: int | None, truncation: str = "head"):
     """Load the tokenizer, clamp MAX_LENGTH to what the model and tokenizer can take, and set how reviews are cut."""
     from transformers import AutoTokenizer
@@ -389,6 +401,7 @@ def load_tokenizer(model_name: str, max_length: int, model_limit: int | None, tr
     tokenizer.model_max_length = limit  # both saved with the adapter, so --predict cuts reviews the same way
     tokenizer.init_kwargs["review_truncation"] = truncation
     return tokenizer
+
 
 def encode(tokenizer, texts: list[str]) -> dict:
     """Tokenize once, without padding, and cut reviews longer than model_max_length as TRUNCATION says."""
@@ -418,6 +431,7 @@ def tokenize(data: DatasetDict, tokenizer) -> DatasetDict:
     return data.map(encode_batch, batched=True, remove_columns=["text"], desc="Tokenizing")
 
 # 4. Train ---------------------------------------------------------------------------------------------------------
+
 
 def train(model, tokenizer, data: DatasetDict, run: Run):
     """Train with the Trainer, resuming from the last checkpoint in OUTPUT_DIR unless --fresh."""
@@ -535,6 +549,7 @@ def interrupt_callback():
 
 # 5. Evaluate ------------------------------------------------------------------------------------------------------
 
+
 def evaluate(trainer, dataset: Dataset) -> dict:
     """Evaluate the (best) model on dataset: loss, accuracy, F1, precision, recall, confusion matrix."""
     output = trainer.predict(dataset.sort("length"), metric_key_prefix="eval")  # sorted by length: less padding
@@ -561,10 +576,12 @@ def compute_metrics(eval_pred) -> dict:
     del metrics["per_class_f1"]  # the Trainer logs scalars; evaluate() adds the list for more than two classes
     return metrics
 
+
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int = 2) -> list[list[int]]:
     """Counts of (true class, predicted class); for two classes [[tn, fp], [fn, tp]]."""
     return [[int(np.sum((labels == true) & (predictions == guess))) for guess in range(classes)]
             for true in range(classes)]
+
 
 def scores(matrix: list[list[int]]) -> dict:
     """Accuracy, F1, precision, recall and per-class F1 from a confusion matrix: no hub, no extra package.
@@ -578,6 +595,7 @@ def scores(matrix: list[list[int]]) -> dict:
     pick = (lambda x: float(x[1])) if len(hits) == 2 else (lambda x: float(x.mean()))
     return {"accuracy": float(hits.sum() / matrix.sum()), "f1": pick(f1), "precision": pick(precision),
             "recall": pick(recall), "per_class_f1": [round(float(x), 4) for x in f1]}
+
 
 def describe(run: Run, model, data: DatasetDict, trainer, train_metrics: dict) -> dict:
     """What metrics.json records about the run besides the scores: sizes, speed, hardware, settings."""
@@ -605,6 +623,7 @@ def selection(state, data: DatasetDict) -> dict:
 
 # 6. Predict -------------------------------------------------------------------------------------------------------
 
+
 def predict(model, tokenizer, texts: list[str], batch_size: int = 32, precision: str = "fp32"
             ) -> list[tuple[str, float]]:
     """Classify texts: (label, probability) for each, in input order."""
@@ -617,7 +636,7 @@ def logits(model, tokenizer, texts: list[str], batch_size: int = 32, precision: 
     """The model's logits for texts, run longest first in batches (less padding), returned in input order."""
     from tqdm.auto import tqdm
 
-    forward = torch_forward(model, precision)
+    forward = model.session_forward if hasattr(model, "session_forward") else torch_forward(model, precision)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     found = np.zeros((len(texts), len(model.config.id2label)), dtype=np.float32)
     for start in tqdm(range(0, len(order), batch_size), unit=" batches", disable=not progress):
@@ -662,6 +681,7 @@ def print_predictions(texts: list[str], predictions: list[tuple[str, float]]) ->
         print(f'Review: "{shown}"\nPrediction: {label} ({score:.2f})')
 
 # 7. Save ----------------------------------------------------------------------------------------------------------
+
 
 def save_outputs(model, tokenizer, metrics: dict, state, output_dir: Path, merge: bool) -> dict:
     """Write adapter/, metrics.json, training.png (and merged/) so an earlier run's files survive a crash."""
@@ -747,6 +767,7 @@ classify("This movie was fantastic!")
 --predict` cuts them as training did (`{config['TRUNCATION']}`).
 """)
 
+
 def save_plot(history: list, matrix: list, names: list[str], path: Path) -> Path | None:
     """Plot train/eval loss and eval accuracy per step next to the confusion matrix."""
     try:
@@ -778,6 +799,7 @@ def save_plot(history: list, matrix: list, names: list[str], path: Path) -> Path
 
 # The other modes: the saved adapter at work ---------------------------------------------------------------------
 
+
 def run_predict(config: dict, texts: list[str]) -> None:
     """--predict: classify the given texts with the saved adapter, without training."""
     reviews = read_stdin_reviews() if texts == ["-"] else texts
@@ -785,6 +807,7 @@ def run_predict(config: dict, texts: list[str]) -> None:
         raise InputError("no reviews on stdin; pass one review per line, or the texts after --predict")
     model, tokenizer, precision = load_for_inference(config)
     print_predictions(reviews, predict(model, tokenizer, reviews, precision=precision))
+
 
 def run_eval_only(config: dict, quiet: bool) -> dict:
     """--eval-only: evaluate the saved adapter on DATASET_NAME without training; write OUTPUT_DIR/eval_metrics.json."""
@@ -858,16 +881,85 @@ def run_predict_file(config: dict, source: str, target: str | None, quiet: bool)
     seconds = time.perf_counter() - started
     print(f"Scored {rows} rows in {seconds:.1f}s ({rows / max(seconds, 1e-9):.0f} rows/s): {target}")
 
+
+def run_export_onnx(config: dict) -> Path:
+    """--export-onnx: write OUTPUT_DIR/onnx/ from the saved adapter: fp32 and int8 models, tokenizer, config."""
+    need_package("onnx", "onnxruntime")
+    model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
+    target = Path(config["OUTPUT_DIR"]) / "onnx"
+    write_dir(target, lambda tmp: export_onnx(model.merge_and_unload().cpu(), tokenizer, Path(tmp)))
+    log.info(f"Done: exported to {target} (model.onnx, model_int8.onnx); use it with --runtime onnx-int8")
+    return target
+
+
+def export_onnx(model, tokenizer, folder: Path) -> None:
+    """Write model.onnx (fp32, dynamic batch and length), model_int8.onnx (int8 weights), the tokenizer, config."""
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    folder.mkdir()
+    sample = pad(encode(tokenizer, ["a review", "a longer review than that"]), tokenizer.pad_token_id)
+    inputs = list(sample)  # input_ids, attention_mask (and token_type_ids): the order forward() takes them in
+    model.config.return_dict = False  # a tuple out, so the graph's one output is the logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notes, about what we do not use
+        torch.onnx.export(model.eval(), tuple(torch.from_numpy(sample[k]) for k in inputs), str(folder / "model.onnx"),
+                          input_names=inputs, output_names=["logits"], opset_version=17, dynamo=False,
+                          dynamic_axes={k: {0: "batch", 1: "tokens"} for k in inputs} | {"logits": {0: "batch"}})
+    quantize_dynamic(str(folder / "model.onnx"), str(folder / "model_int8.onnx"), weight_type=QuantType.QInt8,
+                     per_channel=True)
+    tokenizer.save_pretrained(str(folder))
+    write_json(folder / "config.json", {
+        "id2label": model.config.id2label, "max_length": tokenizer.model_max_length, "inputs": inputs,
+        "truncation": tokenizer.init_kwargs.get("review_truncation", "head"), "pad_token_id": tokenizer.pad_token_id,
+        "base_model": model.config.name_or_path, "date": time.strftime("%Y-%m-%d")})
+
+
+def load_onnx(folder: Path, int8: bool):
+    """An exported model and its tokenizer, without torch or transformers: onnxruntime and tokenizers stand in."""
+    from types import SimpleNamespace
+
+    if not (folder / "config.json").exists():
+        raise InputError(f"no exported model in {folder}; run python fine_tune_sentiment.py --export-onnx first")
+    need_package("onnxruntime")
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+    saved = json.loads((folder / "config.json").read_text())
+    session = onnxruntime.InferenceSession(str(folder / ("model_int8.onnx" if int8 else "model.onnx")),
+                                           providers=["CPUExecutionProvider"])
+    model = SimpleNamespace(config=SimpleNamespace(id2label={int(i): n for i, n in saved["id2label"].items()}),
+                            session_forward=lambda batch: session.run(["logits"], batch)[0])
+    tokenizer = SimpleNamespace(backend_tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")),
+                                model_max_length=saved["max_length"], model_input_names=saved["inputs"],
+                                init_kwargs={"review_truncation": saved["truncation"]},
+                                pad_token_id=saved["pad_token_id"])  # what encode() and pad() read
+    return model, tokenizer
+
+
+def need_package(*modules: str) -> None:
+    """Fail in one line, with the install command, when an optional package is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"the ONNX runtime needs {', '.join(missing)}: pip install -r requirements-onnx.txt")
+
+
 def eval_batch_size(config: dict) -> int:
     """Inference batches: twice the training batch, as in the Trainer's evaluation."""
     return 2 * (config["BATCH_SIZE"] or PRESETS["cpu"]["BATCH_SIZE"])
 
 
 def load_for_inference(config: dict):
-    """What every inference mode starts with: the saved adapter, its tokenizer, and the precision to run them in."""
+    """What every inference mode starts with: the saved model, its tokenizer, and the precision to run them in."""
+    if config["RUNTIME"] != "torch":  # the exported model: no torch, transformers or peft is imported
+        model, tokenizer = load_onnx(Path(config["OUTPUT_DIR"]) / "onnx", int8=config["RUNTIME"] == "onnx-int8")
+        return model, tokenizer, config["RUNTIME"]
     model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
     precision, _ = resolve_precision(config["PRECISION"], model.device.type == "cuda", model.config.hidden_size)
     return model, tokenizer, precision
+
 
 def load_adapter(adapter_dir: Path):
     """Load a saved adapter (with its head and tokenizer) for inference."""
@@ -891,6 +983,7 @@ def load_adapter(adapter_dir: Path):
         raise InputError(f"could not load the adapter in {adapter_dir}: {one_line(error)}") from error
     return model.to(device), tokenizer
 
+
 def read_stdin_reviews() -> list[str]:
     """Read one review per line from stdin; skip blank lines and lines that are not UTF-8 text."""
     reviews = []
@@ -905,6 +998,7 @@ def read_stdin_reviews() -> list[str]:
         if line.strip():
             reviews.append(line)
     return reviews
+
 
 def read_chunks(path: Path, text_column: str, rows: int = 10_000):
     """Yield a data file as DataFrames of at most `rows` rows, in order; csv and tsv values stay text as written."""
@@ -927,6 +1021,7 @@ def read_chunks(path: Path, text_column: str, rows: int = 10_000):
         with open(path, encoding="utf-8", errors="replace", newline="") as lines:
             while chunk := [line.rstrip("\r\n") for line in itertools.islice(lines, rows)]:
                 yield pd.DataFrame({text_column: chunk})
+
 
 @contextmanager
 def open_writer(path: Path, kind: str):
@@ -960,17 +1055,20 @@ def open_writer(path: Path, kind: str):
 
 # The machinery: flags, logging, processes, precision, sources, files ------------------------------------------
 
+
 class InputError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
+
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, then either train (default) or predict with a saved adapter; return the exit code."""
     config, args = parse_args(argv)
-    setup_logging(args.quiet)
+    inference = bool(args.predict or args.eval_only or args.predict_file)
+    setup_logging(args.quiet, transformers=not (inference and config["RUNTIME"] != "torch"))
     try:
-        if (args.predict or args.eval_only or args.predict_file) and rank_and_world()[1] > 1:
-            raise InputError("--predict, --eval-only and --predict-file run in one process; run them with python, "
-                             "not torchrun")
+        if (inference or args.export_onnx) and rank_and_world()[1] > 1:
+            raise InputError("--predict, --eval-only, --predict-file and --export-onnx run in one process; run them "
+                             "with python, not torchrun")
         if args.predictions and not args.predict_file:
             raise InputError("--predictions names the output of --predict-file; pass --predict-file IN too")
         if args.predict:
@@ -979,6 +1077,8 @@ def main(argv: list[str] | None = None) -> int:
             run_eval_only(config, args.quiet)
         elif args.predict_file:
             run_predict_file(config, args.predict_file, args.predictions, args.quiet)
+        elif args.export_onnx:
+            run_export_onnx(config)
         else:
             run_training(config, args)
     except KeyboardInterrupt:
@@ -991,6 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
+
 
 def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]:
     """Build one flag per setting (from the constants block) and return (settings, run options)."""
@@ -1016,11 +1117,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]
                         ".txt) with OUTPUT_DIR/adapter; the text is in TEXT_COLUMN")
     parser.add_argument("--predictions", metavar="OUT", help="where --predict-file writes (.csv .jsonl .parquet; "
                         "default OUTPUT_DIR/predictions.csv): every input row and column, plus the prediction")
+    parser.add_argument("--export-onnx", action="store_true", help="export OUTPUT_DIR/adapter to OUTPUT_DIR/onnx/ "
+                        "(model.onnx, model_int8.onnx, tokenizer) for --runtime onnx and onnx-int8, or onnxruntime")
     parser.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run; start over")
     parser.add_argument("--quiet", action="store_true", help="print only the metrics and the predictions")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = parser.parse_args(argv)
     return {name: getattr(args, name) for name in SETTINGS}, args
+
 
 def value_parser(name: str, kind: str) -> callable:
     """Return an argparse type that checks a flag value against the setting's type and range."""
@@ -1048,6 +1152,7 @@ def value_parser(name: str, kind: str) -> callable:
     parse.__name__ = base.__name__  # argparse names the type in its error messages
     return parse
 
+
 def apply_preset(config: dict, has_gpu: bool) -> str:
     """Fill the settings left at None from the hardware preset; return the preset's name."""
     preset = "gpu" if has_gpu else "cpu"
@@ -1056,23 +1161,28 @@ def apply_preset(config: dict, has_gpu: bool) -> str:
             config[name] = value
     return preset
 
-def setup_logging(quiet: bool) -> None:
+
+def setup_logging(quiet: bool, transformers: bool = True) -> None:
     """Our messages go to stderr plainly; the libraries' routine chatter is turned down at the source."""
     import datasets
-    import transformers
 
     logging.basicConfig(format="%(message)s", stream=sys.stderr, force=True)
     main = is_main()
     quiet = quiet or not main  # under torchrun only the main process reports; the others show only errors
     log.setLevel(logging.ERROR if not main else logging.WARNING if quiet else logging.INFO)
-    transformers.logging.set_verbosity_error() if quiet else transformers.logging.set_verbosity_warning()
     if quiet:
         datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+    if transformers:  # the ONNX runtime never imports it (~5 s)
+        import transformers
+
+        transformers.logging.set_verbosity_error() if quiet else transformers.logging.set_verbosity_warning()
+        if quiet:
+            transformers.utils.logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # avoids the fork warning from the tokenizers crate
     for noise in (".*is_gradient_checkpointing.*", ".*null_placement.*"):  # from peft and pyarrow internals
         warnings.filterwarnings("ignore", message=noise, category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*pin_memory.*no accelerator.*")  # the Trainer's default, on CPU
+
 
 def print_metrics(metrics: dict) -> None:
     """Print the metrics block: one 'name: value' per line, easy to scan and to parse."""
@@ -1086,13 +1196,16 @@ def print_metrics(metrics: dict) -> None:
         print(f"per_class_f1: {json.dumps(metrics['per_class_f1'])}")
         print(f"confusion_matrix: {json.dumps(metrics['confusion_matrix'])}")
 
+
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of processes; torchrun and accelerate launch set both, else 0 and 1."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
+
 def is_main() -> bool:
     """True in the process that prints and saves: the only one, or rank 0 under torchrun."""
     return rank_and_world()[0] == 0
+
 
 def join_processes(has_gpu: bool) -> str | None:
     """Under torchrun, join the process group (NCCL on GPUs, gloo on CPU) and share the cores; return the backend."""
@@ -1106,6 +1219,7 @@ def join_processes(has_gpu: bool) -> str | None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     return torch.distributed.get_backend()
+
 
 @contextmanager
 def main_process_first():
@@ -1122,6 +1236,7 @@ def main_process_first():
     if together and main:
         dist.barrier()
 
+
 def from_main(value):
     """Under torchrun, every process takes the main process's value, so they all decide alike."""
     import torch.distributed as dist
@@ -1132,6 +1247,7 @@ def from_main(value):
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
+
 def cpu_may_have_fast_bf16() -> bool:
     """False on an x86 Linux CPU whose flags lack avx512_bf16 and amx_bf16 (bf16 is emulated there, many times
     slower, and its first use alone takes seconds); True where that is not ruled out, so the probe decides."""
@@ -1141,6 +1257,7 @@ def cpu_may_have_fast_bf16() -> bool:
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
                   if line.startswith("flags")), None)
     return flags is None or bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
 
 def bf16_speedup(width: int, seconds: float = 0.2) -> float:
     """Time width-wide matmuls on this CPU in fp32 and in bf16; return how many times faster bf16 ran."""
@@ -1160,6 +1277,7 @@ def bf16_speedup(width: int, seconds: float = 0.2) -> float:
 
     return seconds_per_call(torch.float32) / seconds_per_call(torch.bfloat16)
 
+
 def choose_precision(requested: str, has_gpu: bool, gpu_has_bf16: bool = False, speedup: float | None = None) -> str:
     """Resolve PRECISION for this hardware: on a CPU, auto takes bf16 only where the probe measured it fast."""
     if has_gpu:
@@ -1173,6 +1291,7 @@ def choose_precision(requested: str, has_gpu: bool, gpu_has_bf16: bool = False, 
         found = f"measured {speedup:.2f}x the speed of fp32" if speedup else "has no avx512_bf16 or amx_bf16"
         log.warning(f"warning: bf16 on this CPU {found}; it will be slow (--precision auto picks the faster one)")
     return "bf16" if requested == "bf16" or (requested == "auto" and fast) else "fp32"
+
 
 def resolve_precision(requested: str, has_gpu: bool, width: int) -> tuple[str, float | None]:
     """Measure what the hardware needs measured, then choose; return (precision, measured bf16 speedup or None)."""
@@ -1191,6 +1310,7 @@ def resolve_precision(requested: str, has_gpu: bool, width: int) -> tuple[str, f
         precision = choose_precision(requested, False, speedup=speedup)
     log.info(f"Precision: {precision} ({requested}{note})")
     return precision, speedup
+
 
 def check_source(name: str, what: str) -> None:
     """Fail fast on a missing local path, or on a hub id when the hub cannot be reached."""
@@ -1212,6 +1332,7 @@ def check_source(name: str, what: str) -> None:
                          f"instead (see README 'Try it without internet'), or set HF_HUB_OFFLINE=1 to use "
                          f"the local cache") from None
 
+
 def check_tracker(report_to: str, output_dir: Path) -> None:
     """Fail fast, in one line, on a tracker the Trainer does not know or whose package is missing."""
     import importlib.util
@@ -1229,18 +1350,22 @@ def check_tracker(report_to: str, output_dir: Path) -> None:
     if report_to == "tensorboard":  # the Trainer's default is inside checkpoints/, which a finished run removes
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(output_dir / "runs")
 
+
 def local_or_hub(name: str) -> str:
     """An existing local path made absolute (the adapter records it, and --predict may run elsewhere), else name."""
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
 
+
 def short_names(targets: set | str) -> list[str]:
     """LoRA's target modules as short names (all-linear lists every full path)."""
     return [targets] if isinstance(targets, str) else sorted({name.split(".")[-1] for name in targets})
 
+
 def one_line(error: BaseException) -> str:
     """The first line of an exception message."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically: a crash leaves the old file, never half of the new one."""
@@ -1248,16 +1373,22 @@ def write_json(path: Path, data: dict) -> None:
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
+
 def write_dir(path: Path, write) -> None:
     """Fill a temporary folder with write(tmp), then swap it in for path; the old copy goes only after."""
     tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(str(tmp))
+    try:
+        write(str(tmp))
+    except BaseException:  # a failed or interrupted write leaves the old folder, and no half one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if path.exists():
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""--predict-file on real text: rows/s against the Trainer's eval_samples_per_second on the same adapter, and
+"""--predict-file on real text: rows/s against --eval-only's eval_samples_per_second on the same adapter, and
 peak memory for 20,000 rows against 200,000 rows (the file streams, so memory should not grow).
 
 Trains nothing: it uses the adapter that bench/run.py left in bench/runs/ours-auto-0 (MiniLM, Rotten Tomatoes).
@@ -44,8 +44,8 @@ def main() -> None:
     run([sys.executable, "fine_tune_sentiment.py", "--output-dir", args.run, "--eval-only", "--batch-size", "32",
          "--dataset-name", str(work / "eval"), "--quiet"])  # batches of 64, as --predict-file below
     trainer = json.loads((Path(args.run) / "eval_metrics.json").read_text())["eval_samples_per_second"]
-    print(f"CPU: {cpu_flags()}\nTrainer evaluation (--eval-only), 2,000 rows: {trainer:.1f} rows/s", flush=True)
-    print("\n| rows | --predict-file rows/s | vs Trainer eval | peak RSS MiB |\n|---|---|---|---|")
+    print(f"CPU: {cpu_flags()}\n--eval-only, 2,000 rows: {trainer:.1f} rows/s", flush=True)
+    print("\n| rows | --predict-file rows/s | vs --eval-only | peak RSS MiB |\n|---|---|---|---|")
     for rows in args.rows:
         source = work / f"in-{rows}.csv"
         pd.concat([sentences] * (rows // len(sentences) + 1))[:rows].to_csv(source, index=False)

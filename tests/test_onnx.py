@@ -1,0 +1,118 @@
+"""The deployable artefact: --export-onnx writes fp32 and int8 ONNX models that run without torch."""
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import fine_tune_sentiment as fts
+from conftest import make_reviews
+from test_errors import fails_with
+from test_modes import digest
+
+pytest.importorskip("onnxruntime")
+ROOT = Path(fts.__file__).parent
+LONG = "the movie was great " + "the plot and the acting " * 20 + "awful , the worst"  # longer than 32 tokens
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory) -> Path:
+    """A copy of the trained run's adapter, exported to ONNX by --export-onnx."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("onnx-run")
+    shutil.copytree(trained["out"] / "adapter", out / "adapter")
+    assert fts.main(["--output-dir", str(out), "--export-onnx", "--quiet"]) == 0
+    return out
+
+
+def test_export_writes_the_folder(exported):
+    names = {p.name for p in (exported / "onnx").iterdir()}
+    assert {"model.onnx", "model_int8.onnx", "tokenizer.json", "config.json"} <= names
+    config = json.loads((exported / "onnx" / "config.json").read_text())
+    assert config["id2label"] == {"0": "NEGATIVE", "1": "POSITIVE"} and config["max_length"] == 32
+    assert config["truncation"] == "head+tail" and config["inputs"] == ["input_ids", "attention_mask"]
+    assert (exported / "onnx" / "model_int8.onnx").stat().st_size < (exported / "onnx" / "model.onnx").stat().st_size
+
+
+def test_onnx_logits_equal_torch_fp32_on_short_and_long_reviews(exported):
+    texts = ["the movie was great", "awful , boring", LONG, "", "great " * 60]
+    torch_model, tokenizer = fts.load_adapter(exported / "adapter")
+    onnx_model, onnx_tokenizer = fts.load_onnx(exported / "onnx", int8=False)
+    assert fts.encode(onnx_tokenizer, texts) == fts.encode(tokenizer, texts)  # the same head+tail cut
+    assert np.allclose(fts.logits(onnx_model, onnx_tokenizer, texts), fts.logits(torch_model, tokenizer, texts),
+                       atol=1e-4)
+
+
+def test_int8_agrees_with_fp32_on_clear_reviews(exported, imdb_folder):
+    texts = list(pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*"))).text)
+    full = fts.predict(*fts.load_onnx(exported / "onnx", int8=False), texts)
+    small = fts.predict(*fts.load_onnx(exported / "onnx", int8=True), texts)
+    clear = [(a, b) for (a, score), (b, _) in zip(full, small) if score > 0.6]
+    assert len(clear) >= 150 and all(a == b for a, b in clear)
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "onnx-int8"])
+def test_every_mode_on_onnx(exported, imdb_folder, tmp_path, runtime, capsys):
+    base = ["--output-dir", str(exported), "--runtime", runtime]
+    assert fts.main(base + ["--predict", "the movie was great , wonderful", "awful boring , the worst"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"Prediction: POSITIVE \((0\.[6-9]\d|1\.00)\)", lines[1]), lines
+    assert re.fullmatch(r"Prediction: NEGATIVE \((0\.[6-9]\d|1\.00)\)", lines[3]), lines
+    source, target = tmp_path / "in.csv", tmp_path / "out.parquet"
+    pd.DataFrame({"text": [t for t, _ in make_reviews(20, seed=5)] + [""]}).to_csv(source, index=False)
+    assert fts.main(base + ["--predict-file", str(source), "--predictions", str(target), "--quiet"]) == 0
+    scored = pd.read_parquet(target)
+    assert len(scored) == 21 and scored["predicted_label"].isna().tolist() == [False] * 20 + [True]
+    assert fts.main(base + ["--eval-only", "--dataset-name", imdb_folder, "--quiet"]) == 0
+    result = json.loads((exported / "eval_metrics.json").read_text())
+    assert result["eval_samples"] == 200 and result["eval_accuracy"] >= 0.85 and result["precision"] == runtime
+
+
+def test_onnx_runtime_imports_no_torch(exported):
+    code = ("import sys, fine_tune_sentiment as f; code = f.main(sys.argv[1:]); "
+            "print([m for m in ('torch', 'transformers', 'peft') if m in sys.modules]); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code, "--output-dir", str(exported), "--runtime", "onnx-int8",
+                             "--predict", "the movie was great"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]" and "Prediction: " in result.stdout
+
+
+def test_an_interrupted_export_leaves_the_old_folder(exported, monkeypatch):
+    before = digest(exported / "onnx")
+
+    def breaks(model, tokenizer, folder):
+        folder.mkdir()
+        (folder / "model.onnx").write_text("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fts, "export_onnx", breaks)
+    assert fts.main(["--output-dir", str(exported), "--export-onnx", "--quiet"]) == 130
+    assert digest(exported / "onnx") == before and not (exported / "onnx.tmp").exists()
+
+
+def test_missing_folder_and_missing_package(exported, tmp_path, monkeypatch, capsys):
+    message = fails_with(["--output-dir", str(tmp_path), "--runtime", "onnx-int8", "--predict", "fine"], capsys)
+    assert "no exported model in" in message and "--export-onnx first" in message
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    message = fails_with(["--output-dir", str(exported), "--runtime", "onnx", "--predict", "fine"], capsys)
+    assert "needs onnxruntime: pip install -r requirements-onnx.txt" in message
+
+
+def test_the_readme_deploy_snippet_runs(exported):
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("<!-- deploy snippet -->")[1].split("```python")[1].split("```")[0]
+    result = subprocess.run([sys.executable, "-c", snippet.replace("outputs/onnx", str(exported / "onnx"))],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    ours = fts.predict(*fts.load_onnx(exported / "onnx", int8=True), ["A gorgeous, funny film.", "A dull, lifeless film."])
+    assert ast.literal_eval(result.stdout) == [(label, round(score, 2)) for label, score in ours]
