@@ -53,7 +53,7 @@ EVAL_SAMPLES: int | None = None  # evaluation rows from the test split, drawn th
 MAX_LENGTH: int | None = None  # tokens per review, clamped to the model's limit; longer ones are cut (TRUNCATION)
 TRUNCATION: str = "head+tail"  # head+tail keeps a long review's first quarter and last three quarters; or head
 # training
-EPOCHS: int | None = None  # passes over the training rows; with 2+ the best epoch (by accuracy) is kept
+EPOCHS: int | None = None  # passes over the training rows; with 2+ the best epoch (by validation accuracy) is kept
 BATCH_SIZE: int | None = None  # training examples per step; evaluation uses twice as many
 LEARNING_RATE: float = 5e-4  # LoRA wants about 10x full fine-tuning's 5e-5
 WARMUP: float = 0.06  # fraction of steps spent warming the learning rate up from 0
@@ -126,7 +126,7 @@ def run_training(config: dict, args: argparse.Namespace) -> dict:
     print_metrics(metrics)
     samples = config["SAMPLE_REVIEWS"]
     print_predictions(samples, predict(model, tokenizer, samples, precision=run.precision))  # 6. predict
-    paths = save_outputs(model, tokenizer, metrics, trainer.state, Path(config["OUTPUT_DIR"]), config["MERGE"])
+    paths = save_outputs(model, tokenizer, metrics, trainer.state, Path(config["OUTPUT_DIR"]), config["MERGE"])  # 7.
     shutil.rmtree(Path(config["OUTPUT_DIR"]) / "checkpoints", ignore_errors=True)  # finished: nothing to resume
     log.info(f"Done: accuracy {metrics['eval_accuracy']:.4f}, F1 {metrics['eval_f1']:.4f}, trained in "
              f"{metrics['train_seconds']:.0f}s | " + " | ".join(f"{k}: {p}" for k, p in paths.items()))
@@ -177,9 +177,13 @@ def load_data(config: dict) -> DatasetDict:
             held = data["train"].train_test_split(test_size=config["VALIDATION"], seed=config["SEED"],
                                                   stratify_by_column="labels")
         except ValueError as error:  # a class too small to be split both ways
-            raise InputError(f"cannot hold out VALIDATION={config['VALIDATION']} of train: {one_line(error)}") from error
+            raise InputError(f"cannot hold out VALIDATION={config['VALIDATION']} of the training rows: "
+                             f"{one_line(error)}") from error
         data["train"], data["validation"] = held["train"], held["test"]
-    elif "validation" not in data:
+    if "validation" in data:
+        log.info(f"The best epoch is picked on {len(data['validation'])} validation rows; the test split is "
+                 f"evaluated once, at the end")
+    elif config["EPOCHS"] > 1:
         log.warning("warning: VALIDATION=0: the best epoch is picked on the test split, so its accuracy is optimistic")
     return data
 
