@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, help="tokens per review (default: the cpu preset's)")
     args = parser.parse_args()
     import fine_tune_sentiment as fts
-    from bench.run import ensure_packages
+    from bench.run import cpu_flags, ensure_packages
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
 
     minilm, _ = ensure_packages()
@@ -51,6 +51,7 @@ def main() -> None:
     metrics = json.loads((work / "out" / "metrics.json").read_text())
     train_rate, eval_rate = metrics["train_samples_per_second"], metrics["eval_samples_per_second"]
     minutes = (preset["EPOCHS"] * preset["TRAIN_SAMPLES"] / train_rate + preset["EVAL_SAMPLES"] / eval_rate) / 60
+    print(f"CPU: {cpu_flags()}")
     print(f"DistilBERT, {preset['MAX_LENGTH']} tokens, batch {preset['BATCH_SIZE']}: {train_rate:.1f} train ex/s, "
           f"{eval_rate:.1f} eval ex/s -> cpu preset ({preset['TRAIN_SAMPLES']} train x {preset['EPOCHS']} epoch, "
           f"{preset['EVAL_SAMPLES']} eval) about {minutes:.1f} min of training and evaluation")

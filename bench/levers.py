@@ -82,6 +82,10 @@ def main() -> None:
             results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"{name}: {results[name][-1]}", flush=True)
     base = results["random batches, unsorted eval (the guide)"]
+    sys.path.insert(0, str(ROOT))
+    from bench.run import cpu_flags
+
+    print(f"\nCPU: {cpu_flags()}")
     print(f"\n| lever (median of {args.repeats}) | train ex/s | eval ex/s | train vs guide | eval vs guide |")
     print("|---|---|---|---|---|")
     for name, runs in results.items():
