@@ -59,8 +59,7 @@ LEARNING_RATE: float = 5e-4  # LoRA wants about 10x full fine-tuning's 5e-5
 WARMUP: float = 0.06  # fraction of steps spent warming the learning rate up from 0
 WEIGHT_DECAY: float = 0.01  # AdamW weight decay on the trainable weights
 EARLY_STOPPING: int = 0  # with EPOCHS > 1, stop after this many evaluations without better accuracy; 0 = off
-VALIDATION: float = 0.1  # with EPOCHS > 1, the share of training rows that picks the best epoch (the data's own
-# validation split where it has one); 0 = pick on the test split, which makes its accuracy optimistic
+VALIDATION: float = 0.1  # with EPOCHS > 1, the share of train that picks the epoch (0: test does, optimistic)
 SCHEDULER: str = "linear"  # how the learning rate decays after warmup: linear or cosine
 # LoRA
 LORA_R: int = 8  # rank of the low-rank update; 4-16 is typical
