@@ -862,13 +862,13 @@ def run_predict_file(config: dict, source: str, target: str | None, quiet: bool)
         raise InputError(f"text column {column!r} not found in {str(source)!r}; it has columns: "
                          f"{', '.join(map(str, first.columns))} (set --text-column)")
     model, tokenizer, precision = load_for_inference(config)
-    batch_size = 2 * (config["BATCH_SIZE"] or PRESETS["cpu"]["BATCH_SIZE"])  # as the Trainer's evaluation
     tmp, rows, empty, started = target.with_name(f".{target.name}.tmp"), 0, 0, time.perf_counter()
     try:
         with open_writer(tmp, target.suffix.lower()) as write, tqdm(unit=" rows", disable=quiet) as bar:
             for chunk in itertools.chain([first], chunks):
                 usable = [isinstance(t, str) and bool(t.strip()) for t in chunk[column]]
-                scored = iter(predict(model, tokenizer, list(chunk[column][usable]), batch_size, precision))
+                texts = list(chunk[column][usable])
+                scored = iter(predict(model, tokenizer, texts, eval_batch_size(config), precision))
                 pairs = [next(scored) if ok else (None, None) for ok in usable]  # typed: a chunk may be all empty
                 write(chunk.assign(predicted_label=pd.Series([p[0] for p in pairs], dtype="string", index=chunk.index),
                                    predicted_score=pd.Series([p[1] for p in pairs], dtype="float64",
