@@ -1290,7 +1290,7 @@ def choose_precision(requested: str, has_gpu: bool, gpu_has_bf16: bool = False, 
     if requested == "fp16":
         raise InputError("fp16 needs a GPU (CPU autocast runs bf16 only); use --precision bf16, fp32 or auto")
     fast = speedup is not None and speedup >= FAST_BF16
-    if requested == "bf16" and not fast:
+    if requested == "bf16" and (speedup is None or speedup < 1):  # slower than fp32, not just short of FAST_BF16
         found = f"measured {speedup:.2f}x the speed of fp32" if speedup else "has no avx512_bf16 or amx_bf16"
         log.warning(f"warning: bf16 on this CPU {found}; it will be slow (--precision auto picks the faster one)")
     return "bf16" if requested == "bf16" or (requested == "auto" and fast) else "fp32"

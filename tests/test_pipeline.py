@@ -197,7 +197,7 @@ def test_metrics_match_scikit_learn():
 
 
 def test_quiet_prints_only_metrics_and_predictions(run_args, capfd):
-    assert fts.main(run_args + ["--epochs", "1", "--quiet"]) == 0
+    assert fts.main(run_args + ["--epochs", "1", "--quiet", "--precision", "fp32"]) == 0  # bf16 may warn, rightly
     out, err = capfd.readouterr()
     lines = out.splitlines()
     assert lines[0] == "=== eval metrics ===" and lines[6].startswith("confusion_matrix: [[tn=")

@@ -32,6 +32,7 @@ def test_explicit_bf16_on_a_slow_cpu_runs_with_a_warning(caplog):
     assert "bf16 on this CPU measured 0.05x the speed of fp32" in caplog.text
     caplog.clear()
     assert fts.choose_precision("bf16", has_gpu=False, speedup=4.4) == "bf16" and not caplog.text
+    assert fts.choose_precision("bf16", has_gpu=False, speedup=1.28) == "bf16" and not caplog.text  # faster all the same
 
 
 def test_cpu_flags_rule_out_fast_bf16_only_on_x86(monkeypatch, tmp_path):
