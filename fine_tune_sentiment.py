@@ -1084,6 +1084,7 @@ def main(argv: list[str] | None = None) -> int:
             run_export_onnx(config)
         else:
             run_training(config, args)
+            leave_processes()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -1238,6 +1239,20 @@ def main_process_first():
     yield
     if together and main:
         dist.barrier()
+
+
+def leave_processes() -> None:
+    """Under torchrun, wait for every process (the main one saves last), then close the process group: a process
+    that exits while the others still use the group can abort in its teardown."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    except RuntimeError:  # the main process failed and printed why
+        raise SystemExit(1) from None
+    dist.destroy_process_group()
 
 
 def from_main(value):

@@ -73,8 +73,8 @@ def main() -> None:
             seconds.append(time.perf_counter() - started)
         cold[name] = statistics.median(seconds)
     base = statistics.median(r["rate"] for r in found["torch fp32"])
-    print(f"\n| runtime | --predict-file rows/s (median) | vs torch fp32 | peak RSS MiB | accuracy (2,000) | "
-          f"--predict cold start s (median of 3) |\n|---|---|---|---|---|---|")
+    print("\n| runtime | --predict-file rows/s (median) | vs torch fp32 | peak RSS MiB | accuracy (2,000) | "
+          "--predict cold start s (median of 3) |\n|---|---|---|---|---|---|")
     for name, rows in found.items():
         rate = statistics.median(r["rate"] for r in rows)
         print(f"| {name} | {rate:.1f} | {rate / base:.2f}x | {statistics.median(r['peak'] for r in rows):.0f} | "
