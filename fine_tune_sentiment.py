@@ -100,7 +100,8 @@ FAST_BF16 = 1.3  # auto picks bf16 on a CPU only where its matmuls measured at l
 TRACKER_PACKAGES = {"comet_ml": ("comet_ml", "comet-ml"), "azure_ml": ("azureml", "azureml-core")}  # else name, name
 PREDICT_FILE_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")  # --predict-file reads these
 PREDICTIONS_FILE_TYPES = (".csv", ".jsonl", ".parquet")  # and writes these
-DATA_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+CHUNK_ROWS = 10_000  # --predict-file reads, scores and writes this many rows at a time
+DATA_FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 log = logging.getLogger("fine_tune_sentiment")
 
 
@@ -199,9 +200,11 @@ def load_raw_data(dataset_name: str) -> DatasetDict:
         if (path / "dataset_dict.json").exists():
             return load_from_disk(str(path))
         if path.is_file():
-            if path.suffix not in DATA_FILE_TYPES:
+            kind = path.suffix.lower()
+            if kind not in DATA_FILE_TYPES:
                 raise InputError(f"dataset file {dataset_name!r} must end in one of {', '.join(DATA_FILE_TYPES)}")
-            return load_dataset(DATA_FILE_TYPES[path.suffix], data_files={"train": str(path)})
+            return load_dataset(DATA_FILE_TYPES[kind], data_files={"train": str(path)},
+                                **({"delimiter": "\t"} if kind == ".tsv" else {}))
         return load_dataset(str(path) if path.exists() else dataset_name)
     except (OSError, ValueError) as error:  # the libraries' not-found, offline and format errors
         raise InputError(f"could not load dataset {dataset_name!r}: {one_line(error)}") from error
@@ -401,6 +404,10 @@ def load_tokenizer(model_name: str, max_length: int, model_limit: int | None, tr
     limit = min(x for x in (tokenizer_limit, model_limit, max_length) if x)
     if limit < max_length:
         log.warning(f"warning: MAX_LENGTH {max_length} is above the model's limit; using {limit}")
+    specials = tokenizer.num_special_tokens_to_add()
+    if limit <= specials:
+        raise InputError(f"MAX_LENGTH {limit} leaves no room for the review: the model adds {specials} special "
+                         f"tokens to each; use at least {specials + 1} (64 or more is useful)")
     tokenizer.model_max_length = limit  # both saved with the adapter, so --predict cuts reviews the same way
     tokenizer.init_kwargs["review_truncation"] = truncation
     return tokenizer
@@ -452,10 +459,14 @@ def train(model, tokenizer, data: DatasetDict, run: Run):
                       processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[interrupt, *stop_early])
     if run.quiet:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        interrupt.restore()  # also when training raises: Ctrl-C must not stay a "save and stop" request
     if interrupt.interrupted:
         log.warning(f"Checkpoint saved in {checkpoints}; run the same command again to resume, "
                     f"or pass --fresh to start over")
+        leave_processes()  # every process stopped after the same step, so all of them get here
         raise SystemExit(130)
     return trainer, result.metrics
 
@@ -544,9 +555,10 @@ def interrupt_callback():
             if self.interrupted:
                 control.should_save = control.should_training_stop = True
 
-        def on_train_end(self, args, state, control, **kwargs):
+        def restore(self):
             for sig, handler in self.previous.items():
                 signal.signal(sig, handler)
+            self.previous = {}
 
     return SaveOnInterrupt()
 
@@ -854,10 +866,9 @@ def run_predict_file(config: dict, source: str, target: str | None, quiet: bool)
         raise InputError("--predictions must not be the input file")
     column = config["TEXT_COLUMN"]
     chunks = read_chunks(source, column)
-    try:
-        first = next(chunks)
-    except (ValueError, pd.errors.ParserError, StopIteration) as error:  # empty, or not the format its name says
-        raise InputError(f"could not read {str(source)!r}: {one_line(error) if str(error) else 'no rows'}") from error
+    first = next(chunks, None)
+    if first is None:
+        raise InputError(f"could not read {str(source)!r}: no rows")
     if column not in first.columns:
         raise InputError(f"text column {column!r} not found in {str(source)!r}; it has columns: "
                          f"{', '.join(map(str, first.columns))} (set --text-column)")
@@ -865,14 +876,17 @@ def run_predict_file(config: dict, source: str, target: str | None, quiet: bool)
     tmp, rows, empty, started = target.with_name(f".{target.name}.tmp"), 0, 0, time.perf_counter()
     try:
         with open_writer(tmp, target.suffix.lower()) as write, tqdm(unit=" rows", disable=quiet) as bar:
-            for chunk in itertools.chain([first], chunks):
+            for chunk in itertools.chain([first], chunks):  # a row that cannot be read or written: InputError
                 usable = [isinstance(t, str) and bool(t.strip()) for t in chunk[column]]
                 texts = list(chunk[column][usable])
                 scored = iter(predict(model, tokenizer, texts, eval_batch_size(config), precision))
                 pairs = [next(scored) if ok else (None, None) for ok in usable]  # typed: a chunk may be all empty
-                write(chunk.assign(predicted_label=pd.Series([p[0] for p in pairs], dtype="string", index=chunk.index),
-                                   predicted_score=pd.Series([p[1] for p in pairs], dtype="float64",
-                                                             index=chunk.index)))
+                try:
+                    write(chunk.assign(
+                        predicted_label=pd.Series([p[0] for p in pairs], dtype="string", index=chunk.index),
+                        predicted_score=pd.Series([p[1] for p in pairs], dtype="float64", index=chunk.index)))
+                except InputError as error:
+                    raise InputError(f"{str(source)!r}, rows {rows + 1}-{rows + len(chunk)}: {error}") from error
                 rows, empty = rows + len(chunk), empty + usable.count(False)
                 bar.update(len(chunk))
         os.replace(tmp, target)  # only a complete file takes the name; an earlier one stays until then
@@ -909,8 +923,8 @@ def export_onnx(model, tokenizer, folder: Path) -> None:
         torch.onnx.export(model.eval(), tuple(torch.from_numpy(sample[k]) for k in inputs), str(folder / "model.onnx"),
                           input_names=inputs, output_names=["logits"], opset_version=17, dynamo=False,
                           dynamic_axes={k: {0: "batch", 1: "tokens"} for k in inputs} | {"logits": {0: "batch"}})
-    quantize_dynamic(str(folder / "model.onnx"), str(folder / "model_int8.onnx"), weight_type=QuantType.QInt8,
-                     per_channel=True)
+    quantize_dynamic(str(folder / "model.onnx"), str(folder / "model_int8.onnx"), weight_type=QuantType.QUInt8,
+                     per_channel=True)  # u8u8: no 16-bit saturation on CPUs without VNNI, so int8 agrees everywhere
     tokenizer.save_pretrained(str(folder))
     write_json(folder / "config.json", {
         "id2label": model.config.id2label, "max_length": tokenizer.model_max_length, "inputs": inputs,
@@ -1003,8 +1017,26 @@ def read_stdin_reviews() -> list[str]:
     return reviews
 
 
-def read_chunks(path: Path, text_column: str, rows: int = 10_000):
-    """Yield a data file as DataFrames of at most `rows` rows, in order; csv and tsv values stay text as written."""
+def read_chunks(path: Path, text_column: str, rows: int | None = None):
+    """Yield a data file as DataFrames of at most `rows` (CHUNK_ROWS) rows, in order, all with the first rows'
+    columns; csv and tsv values stay text as written. A row that cannot be read anywhere in the file, or keys that
+    the first rows lack, end it with an InputError that names the file and the rows read before."""
+    columns, done = None, 0
+    try:
+        for chunk in file_chunks(path, text_column, rows or CHUNK_ROWS):
+            columns = list(chunk.columns) if columns is None else columns
+            extra = [str(c) for c in chunk.columns if c not in columns]
+            if extra:
+                raise InputError(f"{str(path)!r} has columns after row {done} that the first {done} rows lack: "
+                                 f"{', '.join(extra[:5])}; give every row the same keys")
+            yield chunk.reindex(columns=columns)  # a jsonl row may leave a key out: empty there
+            done += len(chunk)
+    except (ValueError, OSError) as error:  # pandas' and pyarrow's parse errors, bad UTF-8, a truncated file
+        raise InputError(f"could not read {str(path)!r} after row {done}: {one_line(error)}") from error
+
+
+def file_chunks(path: Path, text_column: str, rows: int):
+    """The file's rows as DataFrames of at most `rows`, as its type is read."""
     import pandas as pd
 
     kind = path.suffix.lower()
@@ -1037,9 +1069,22 @@ def open_writer(path: Path, kind: str):
 
         def write(frame):
             nonlocal writer
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            writer = writer or pq.ParquetWriter(path, table.schema)
-            writer.write_table(table.cast(writer.schema))
+            try:
+                table = pa.Table.from_pandas(frame, preserve_index=False)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as error:  # one column holding numbers and text
+                raise InputError(f"{one_line(error)}; write --predictions as .csv or .jsonl") from error
+            if writer is None:  # a column empty in the first rows may hold text later: string, not null
+                writer = pq.ParquetWriter(path, pa.schema(
+                    [f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]))
+            columns = []
+            for field in writer.schema:  # a file's types may change after its first rows (jsonl)
+                try:
+                    columns.append(table.column(field.name).cast(field.type))
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as error:
+                    raise InputError(f"column {field.name!r} was {field.type} in the first rows and is "
+                                     f"{table.column(field.name).type} here ({one_line(error)}); write "
+                                     f"--predictions as .csv or .jsonl") from error
+            writer.write_table(pa.Table.from_arrays(columns, schema=writer.schema))
 
         try:
             yield write
@@ -1072,6 +1117,10 @@ def main(argv: list[str] | None = None) -> int:
         if (inference or args.export_onnx) and rank_and_world()[1] > 1:
             raise InputError("--predict, --eval-only, --predict-file and --export-onnx run in one process; run them "
                              "with python, not torchrun")
+        modes = [flag for flag, on in (("--predict", args.predict), ("--eval-only", args.eval_only),
+                                       ("--predict-file", args.predict_file), ("--export-onnx", args.export_onnx)) if on]
+        if len(modes) > 1:
+            raise InputError(f"{' and '.join(modes)} are separate modes; run one at a time")
         if args.predictions and not args.predict_file:
             raise InputError("--predictions names the output of --predict-file; pass --predict-file IN too")
         if args.predict:
@@ -1232,13 +1281,10 @@ def main_process_first():
 
     together, main = dist.is_available() and dist.is_initialized(), is_main()
     if together and not main:
-        try:
-            dist.barrier()
-        except RuntimeError:  # the main process failed first and printed why; torchrun ends this one anyway
-            raise SystemExit(1) from None
+        barrier()
     yield
     if together and main:
-        dist.barrier()
+        barrier()
 
 
 def leave_processes() -> None:
@@ -1248,11 +1294,21 @@ def leave_processes() -> None:
 
     if not (dist.is_available() and dist.is_initialized()):
         return
+    barrier()
+    dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every process. One that failed has printed why (torchrun then ends the rest); a timeout says so."""
+    import torch.distributed as dist
+
     try:
         dist.barrier()
-    except RuntimeError:  # the main process failed and printed why
+    except RuntimeError as error:  # gloo and NCCL raise DistBackendError, a RuntimeError
+        if re.search(r"time[d ]?\s?out", str(error), re.I):
+            print(f"error: process {rank_and_world()[0]} timed out waiting for the other processes "
+                  f"({one_line(error)}); one of them is stuck or stopped without an error", file=sys.stderr)
         raise SystemExit(1) from None
-    dist.destroy_process_group()
 
 
 def from_main(value):
@@ -1266,10 +1322,9 @@ def from_main(value):
     return box[0]
 
 
-def cpu_may_have_fast_bf16() -> bool:
+def cpu_may_have_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """False on an x86 Linux CPU whose flags lack avx512_bf16 and amx_bf16 (bf16 is emulated there, many times
     slower, and its first use alone takes seconds); True where that is not ruled out, so the probe decides."""
-    cpuinfo = Path("/proc/cpuinfo")
     if platform.machine().lower() not in ("x86_64", "amd64") or not cpuinfo.exists():
         return True
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
@@ -1334,7 +1389,7 @@ def check_source(name: str, what: str) -> None:
     """Fail fast on a missing local path, or on a hub id when the hub cannot be reached."""
     if Path(name).expanduser().exists():
         return
-    if name.startswith((".", "/", "~")) or Path(name).suffix in DATA_FILE_TYPES or "\\" in name:
+    if name.startswith((".", "/", "~")) or Path(name).suffix.lower() in DATA_FILE_TYPES or "\\" in name:
         raise InputError(f"{what} {name!r} does not exist; pass an existing local path or a hub id")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         return  # the libraries look in the local cache and fail fast themselves

@@ -31,6 +31,8 @@ MODEL_FIXTURES = {"tiny_model", "trained", "run_args", "imdb_folder"}  # a test 
 POSITIVE = ["great", "wonderful", "excellent", "fantastic", "loved", "brilliant"]
 NEGATIVE = ["awful", "terrible", "boring", "dull", "hated", "worst"]
 FILLER = ["the", "movie", "film", "was", "a", "plot", "acting", "story", "this", "it", "and", "really", "i"]
+PROBES = ["the movie was great and wonderful", "awful boring plot , the worst", "",
+          "great " + " ".join(FILLER * 4) + " awful"]  # the last is cut head+tail at 32 tokens
 
 
 def pytest_addoption(parser):
@@ -133,6 +135,17 @@ def trained(tiny_model, imdb_folder, tmp_path_factory) -> dict:
     test = pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*")))
     guesses = fts.predict(untrained, tokenizer, list(test.text))
     untrained_accuracy = sum((label == "POSITIVE") == bool(y) for (label, _), y in zip(guesses, test.label)) / len(test)
-    assert fts.main(args) == 0
+    in_memory = {}
+    save = fts.save_outputs
+
+    def save_and_remember(model, tokenizer, *args, **kwargs):  # the trained model's logits, before it is saved
+        in_memory["logits"] = fts.logits(model, tokenizer, PROBES)
+        return save(model, tokenizer, *args, **kwargs)
+
+    fts.save_outputs = save_and_remember
+    try:
+        assert fts.main(args) == 0
+    finally:
+        fts.save_outputs = save
     return {"out": out, "metrics": json.loads((out / "metrics.json").read_text()), "args": args,
-            "untrained_accuracy": untrained_accuracy}
+            "untrained_accuracy": untrained_accuracy, "logits_before_save": in_memory["logits"]}

@@ -9,12 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import fine_tune_sentiment as fts
-from conftest import GPU, PRESET, precision_flags
+
+from conftest import GPU, PRECISION, PRESET, precision_flags
+from test_precision import BF16_PROBABILITY_GAP
 
 pytestmark = pytest.mark.skipif(GPU and torch.cuda.device_count() < 2, reason="2 processes need 2 GPUs under NCCL")
 
@@ -61,23 +64,34 @@ def test_every_eval_row_counted_once(two_runs):
     assert metrics["train_samples"] + metrics["validation_samples"] == 600
 
 
-def test_loss_is_the_one_process_loss_of_the_same_adapter(two_runs, imdb_folder, tmp_path):
-    shutil.copytree(two_runs["root"] / "two" / "adapter", tmp_path / "adapter")
+def near_ties(adapter: Path, texts: list[str]) -> int:
+    """How many of texts the adapter scores so close to 0.5 (in fp32) that the suite's precision may flip them."""
+    gap = BF16_PROBABILITY_GAP if PRECISION == "bf16" else 1e-4  # fp32: batch shape moves logits by ~1e-6
+    probabilities = fts.softmax(fts.logits(*fts.load_adapter(adapter), texts))[:, 1]
+    return int(np.sum(np.abs(probabilities - 0.5) <= gap))
+
+
+def test_training_loss_is_the_one_process_loss(two_runs):
+    one, two = (two_runs["metrics"][name]["history"][-1]["train_loss"] for name in ("one", "two"))
+    # the same rows, 16 a step, in another order: measured 0.7x-1.3x of each other; N times it if DDP scales it
+    assert 0.6 < two / one < 1.6, (one, two)
+
+
+def test_eval_loss_and_accuracy_are_the_one_process_ones_of_the_same_adapter(two_runs, imdb_folder, tmp_path):
+    adapter = two_runs["root"] / "two" / "adapter"
+    shutil.copytree(adapter, tmp_path / "adapter")
     assert fts.main(["--output-dir", str(tmp_path), "--dataset-name", imdb_folder, "--eval-only", "--quiet"]) == 0
     alone = json.loads((tmp_path / "eval_metrics.json").read_text())
     two = two_runs["metrics"]["two"]
     assert two["eval_loss"] == pytest.approx(alone["eval_loss"], rel=0.02)  # not N times it; batch means differ
-    assert two["eval_accuracy"] == alone["eval_accuracy"]
+    test = pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*")))
+    allowed = near_ties(adapter, list(test.text)) / len(test)  # rows whose label the precision may flip
+    assert abs(two["eval_accuracy"] - alone["eval_accuracy"]) <= allowed + 1e-9, allowed
 
 
-def test_accuracy_matches_one_process_and_a_reloaded_adapter(two_runs, imdb_folder):
+def test_accuracy_matches_one_process(two_runs):
     one, two = two_runs["metrics"]["one"]["eval_accuracy"], two_runs["metrics"]["two"]["eval_accuracy"]
     assert two >= 0.85 and abs(one - two) <= 0.1  # seeds alone move this toy task by up to ~0.07
-    test = pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*")))
-    model, tokenizer = fts.load_adapter(two_runs["root"] / "two" / "adapter")
-    guesses = fts.predict(model, tokenizer, list(test.text))
-    accuracy = sum((label == "POSITIVE") == bool(y) for (label, _), y in zip(guesses, test.label)) / len(test)
-    assert accuracy == pytest.approx(two, abs=1e-9)  # one process, same adapter, same rows: same accuracy
 
 
 def test_interrupted_two_process_run_resumes(run_args, tmp_path):

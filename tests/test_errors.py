@@ -189,3 +189,125 @@ def test_sigterm_leaves_a_checkpoint_and_rerun_resumes(run_args, tmp_path):
     assert abs(resumed["eval_accuracy"] - straight["eval_accuracy"]) <= 0.1
     assert resumed["eval_accuracy"] >= 0.85 and resumed["config"] == straight["config"] | {
         "OUTPUT_DIR": str(tmp_path / "resumed")}
+
+
+def test_predict_file_reads_every_chunk_guarded(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fts, "CHUNK_ROWS", 5)  # the error lands in the third chunk, after two were scored
+    target = tmp_path / "out.csv"
+    target.write_text("earlier predictions\n")
+    base = ["--output-dir", str(trained["out"]), "--predictions", str(target), "--predict-file"]
+    broken = tmp_path / "broken.csv"
+    broken.write_text("text,stars\n" + "great film,5\n" * 11 + "awful,1,extra\n" + "dull,2\n")
+    message = fails_with(base + [str(broken)], capsys)
+    assert message.startswith(f"error: could not read '{broken}' after row 10: ") and "line 13" in message
+    jsonl = tmp_path / "broken.jsonl"
+    jsonl.write_text('{"text": "great film"}\n' * 7 + '{"text": "awful", \n')
+    assert f"could not read '{jsonl}' after row 5: " in fails_with(base + [str(jsonl)], capsys)
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text('{"text": "great film"}\n' * 5 + '{"text": "awful", "stars": 1}\n')
+    assert "columns after row 5 that the first 5 rows lack: stars" in fails_with(base + [str(extra)], capsys)
+    assert target.read_text() == "earlier predictions\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.csv", "broken.jsonl", "extra.jsonl", "out.csv"]
+
+
+def test_jsonl_types_that_change_between_chunks(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fts, "CHUNK_ROWS", 4)
+    rows = [{"text": "great film", "id": i, "note": None} for i in range(4)]
+    rows += [{"text": "awful film", "id": i, "note": "seen twice"} for i in range(4, 8)]  # null, then text: works
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.parquet"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["--output-dir", str(trained["out"]), "--predictions", str(target), "--predict-file"]
+    assert fts.main(base + [str(source)]) == 0
+    scored = pd.read_parquet(target)
+    assert scored["id"].tolist() == list(range(8)) and scored["note"].isna().tolist() == [True] * 4 + [False] * 4
+    assert scored["note"][4:].tolist() == ["seen twice"] * 4
+    source.write_text("".join(json.dumps(r | {"id": f"x{i}" if i >= 4 else i}) + "\n" for i, r in enumerate(rows)))
+    message = fails_with(base + [str(source)], capsys)
+    assert "rows 5-8: column 'id' was int64 in the first rows and is large_string here" in message
+    assert "write --predictions as .csv or .jsonl" in message
+    assert pd.read_parquet(target)["id"].tolist() == list(range(8))  # the earlier output stays
+    csv = tmp_path / "out.csv"
+    assert fts.main(base[:-2] + [str(csv), "--predict-file", str(source)]) == 0  # as the message advises
+    assert pd.read_csv(csv)["id"].astype(str).tolist() == ["0", "1", "2", "3", "x4", "x5", "x6", "x7"]
+
+
+@pytest.mark.parametrize("length", ["1", "2"])
+def test_max_length_without_room_for_text(run_args, length, capsys):
+    message = fails_with(run_args + ["--max-length", length], capsys)
+    assert f"MAX_LENGTH {length} leaves no room for the review: the model adds 2 special tokens" in message
+
+
+def test_modes_are_one_at_a_time(tmp_path, capsys):
+    message = fails_with(["--output-dir", str(tmp_path), "--predict", "fine", "--export-onnx"], capsys)
+    assert message == "error: --predict and --export-onnx are separate modes; run one at a time"
+
+
+@pytest.mark.parametrize("name", ["reviews.tsv", "REVIEWS.CSV", "Reviews.Parquet"])
+def test_dataset_files_of_every_suffix_and_case(run_args, tmp_path, name):
+    frame = pd.DataFrame(make_reviews(60, seed=4), columns=["text", "label"])
+    path = tmp_path / name
+    if name.lower().endswith(".parquet"):
+        frame.to_parquet(path)
+    else:
+        frame.to_csv(path, sep="\t" if name.endswith(".tsv") else ",", index=False)
+    args = run_args + ["--dataset-name", str(path), "--epochs", "1", "--quiet"]
+    assert fts.main(args) == 0
+    metrics = json.loads((Path(args[args.index("--output-dir") + 1]) / "metrics.json").read_text())
+    assert metrics["train_samples"] + metrics["eval_samples"] == 60
+
+
+def signal_at_step(monkeypatch, step: int) -> None:
+    """The run's own interrupt callback, which sends this process SIGTERM as training reaches `step`."""
+    real = fts.interrupt_callback
+
+    def signalling():
+        callback = real()
+        callback.on_step_begin = lambda args, state, control, **kwargs: (
+            os.kill(os.getpid(), signal.SIGTERM) if state.global_step == step else None)
+        return callback
+
+    monkeypatch.setattr(fts, "interrupt_callback", signalling)
+
+
+def test_sigterm_closes_the_processes_and_restores_the_handlers(run_args, monkeypatch, capsys):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    left = []
+    monkeypatch.setattr(fts, "leave_processes", lambda: left.append(True))  # under torchrun: barrier, then teardown
+    signal_at_step(monkeypatch, 3)
+    with pytest.raises(SystemExit) as stopped:
+        fts.main(run_args)
+    assert stopped.value.code == 130 and left == [True]
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_handlers_are_restored_when_training_raises(run_args, monkeypatch):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+    def breaks(eval_pred):
+        raise RuntimeError("broken metric")
+
+    monkeypatch.setattr(fts, "compute_metrics", breaks)
+    with pytest.raises(RuntimeError, match="broken metric"):
+        fts.main(run_args + ["--epochs", "2", "--train-samples", "64"])
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+@pytest.mark.parametrize("failure, printed", [
+    ("[gloo] Timed out waiting 1800000ms for recv operation to complete", True),
+    ("[gloo] Connection closed by peer [127.0.0.1]:29500", False)])  # the main process failed and said why
+def test_a_barrier_timeout_says_so(monkeypatch, capsys, failure, printed):
+    import torch.distributed as dist
+
+    def barrier():
+        raise RuntimeError(failure)
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", barrier)
+    with pytest.raises(SystemExit) as stopped, fts.main_process_first():
+        pass
+    err = capsys.readouterr().err.strip()
+    assert stopped.value.code == 1
+    assert err == (f"error: process 1 timed out waiting for the other processes ({failure}); one of them is stuck "
+                   f"or stopped without an error" if printed else "")

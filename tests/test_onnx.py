@@ -18,6 +18,7 @@ from test_modes import digest
 
 pytest.importorskip("onnxruntime")
 ROOT = Path(fts.__file__).parent
+INT8_PROBABILITY_GAP = 0.1
 LONG = "the movie was great " + "the plot and the acting " * 20 + "awful , the worst"  # longer than 32 tokens
 
 
@@ -50,13 +51,15 @@ def test_onnx_logits_equal_torch_fp32_on_short_and_long_reviews(exported):
                        atol=1e-4)
 
 
-def test_int8_agrees_with_fp32_on_clear_reviews(exported, imdb_folder):
-    texts = list(pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*"))).text)
-    full = fts.predict(*fts.load_onnx(exported / "onnx", int8=False), texts)
-    small = fts.predict(*fts.load_onnx(exported / "onnx", int8=True), texts)
-    clear = [(a, b) for (a, score), (b, _) in zip(full, small) if score > 0.9]  # int8 moves a toy model's scores
-    assert len(clear) >= 150 and all(a == b for a, b in clear)
-    assert sum(a == b for (a, _), (b, _) in zip(full, small)) >= 0.95 * len(texts)
+def test_int8_agrees_with_fp32(exported, imdb_folder):
+    texts = list(pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*"))).text) + [LONG]
+    full = fts.softmax(fts.logits(*fts.load_onnx(exported / "onnx", int8=False), texts))[:, 1]
+    small = fts.softmax(fts.logits(*fts.load_onnx(exported / "onnx", int8=True), texts))[:, 1]
+    # int8 weights (u8u8, no saturation) move this model's probabilities by at most 0.03 here (AVX2); a saturating
+    # kernel or a broken quantization moves them by far more
+    assert np.abs(full - small).max() <= INT8_PROBABILITY_GAP
+    clear = np.abs(full - 0.5) > INT8_PROBABILITY_GAP  # only a near-tie may change its label
+    assert clear.sum() >= 150 and ((full > 0.5) == (small > 0.5))[clear].all()
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "onnx-int8"])
@@ -112,8 +115,15 @@ def test_missing_folder_and_missing_package(exported, tmp_path, monkeypatch, cap
 def test_the_readme_deploy_snippet_runs(exported):
     readme = (ROOT / "README.md").read_text()
     snippet = readme.split("<!-- deploy snippet -->")[1].split("```python")[1].split("```")[0]
+    reviews = ["the movie was great", "awful , boring", LONG, "awful " + LONG]  # the long ones take the head+tail cut
+    assert 'reviews = ["A gorgeous, funny film.", "A dull, lifeless film."]' in snippet
+    snippet = snippet.replace('["A gorgeous, funny film.", "A dull, lifeless film."]', repr(reviews))
+    snippet = snippet.replace("print([", "print([round(float(p[1]), 6) for p in probs])\nprint([")
     result = subprocess.run([sys.executable, "-c", snippet.replace("outputs/onnx", str(exported / "onnx"))],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    ours = fts.predict(*fts.load_onnx(exported / "onnx", int8=True), ["A gorgeous, funny film.", "A dull, lifeless film."])
-    assert ast.literal_eval(result.stdout) == [(label, round(score, 2)) for label, score in ours]
+    printed, labelled = map(ast.literal_eval, result.stdout.splitlines())
+    model, tokenizer = fts.load_onnx(exported / "onnx", int8=True)
+    ours = fts.softmax(fts.logits(model, tokenizer, reviews))[:, 1]
+    assert printed == pytest.approx(ours.tolist(), abs=1e-5)  # the same cut; batches padded alike
+    assert [label for label, _ in labelled] == [label for label, _ in fts.predict(model, tokenizer, reviews)]

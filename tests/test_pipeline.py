@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fine_tune_sentiment as fts
-from conftest import DEVICE, PRESET, make_reviews, precision_flags
+from conftest import DEVICE, PRESET, PROBES, make_reviews, precision_flags
 
 SCRIPT = str(Path(fts.__file__))
 REVIEWS = ["the movie was great and wonderful", "awful boring plot , the worst", ""]
@@ -40,17 +40,17 @@ def test_learns_a_separable_task(trained):
     assert accuracy > trained["untrained_accuracy"] + 0.2
 
 
-def test_adapter_reloads_with_identical_logits(trained):
+def test_adapter_reloads_with_the_trained_models_logits(trained):
     model, tokenizer = fts.load_adapter(trained["out"] / "adapter")
     from transformers import AutoModelForSequenceClassification
 
+    reloaded = fts.logits(model, tokenizer, PROBES)
+    # the same fp32 arithmetic on the same batch as the in-memory model before saving: equal
+    assert np.array_equal(reloaded, trained["logits_before_save"])
+    assert reloaded[0].argmax() == 1 and reloaded[1].argmax() == 0  # and they are the trained model's, not noise
     merged = AutoModelForSequenceClassification.from_pretrained(trained["out"] / "merged")
-    encoded = tokenizer(REVIEWS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        first, again = model(**encoded).logits, fts.load_adapter(trained["out"] / "adapter")[0](**encoded).logits
-        plain = merged.eval()(**encoded).logits
-    assert torch.equal(first, again)
-    assert torch.allclose(first, plain, atol=1e-5)  # --merge folds LoRA in without changing the outputs
+    # --merge folds LoRA into the weights: the same sums in another order, so fp32 rounding (measured 1e-6)
+    assert np.allclose(fts.logits(merged, tokenizer, PROBES), reloaded, atol=1e-5)
     assert "peft" not in type(merged).__module__
 
 
@@ -89,7 +89,7 @@ def test_plot_is_written(trained):
 
 def test_checkpoints_are_removed_after_a_finished_run(trained):
     assert not (trained["out"] / "checkpoints").exists()
-    assert not list(trained["out"].glob("*.tmp")) and not list(trained["out"].glob("*.old"))
+    assert not [p.name for p in trained["out"].rglob("*") if ".tmp" in p.name or p.name.endswith(".old")]
 
 
 def test_predict_in_a_subprocess(trained):
@@ -183,17 +183,24 @@ def test_subsets_hold_both_labels_although_imdb_is_sorted(imdb_folder):
     assert list(data["train"]["labels"][:20]) == [0] * 20  # the source really is sorted
 
 
-def test_metrics_match_scikit_learn():
-    sklearn = pytest.importorskip("sklearn.metrics")
-    rng = np.random.default_rng(0)
-    labels, logits = rng.integers(0, 2, 200), rng.normal(size=(200, 2))
-    ours = fts.compute_metrics((logits, labels))
-    guesses = logits.argmax(-1)
-    assert ours["accuracy"] == pytest.approx(sklearn.accuracy_score(labels, guesses))
-    assert ours["f1"] == pytest.approx(sklearn.f1_score(labels, guesses))
-    assert ours["precision"] == pytest.approx(sklearn.precision_score(labels, guesses))
-    assert ours["recall"] == pytest.approx(sklearn.recall_score(labels, guesses))
-    assert fts.confusion_matrix(labels, guesses) == sklearn.confusion_matrix(labels, guesses).tolist()
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_metrics_match_scikit_learn(classes):
+    from sklearn import metrics as sklearn  # requirements-test.txt: an independent implementation
+
+    rng = np.random.default_rng(classes)
+    labels, logits = rng.integers(0, classes, 300), rng.normal(size=(300, classes))
+    logits[:, classes - 1] += 0.5  # unbalanced guesses, so macro and micro averages differ
+    ours = fts.metrics_from(logits, labels, [str(i) for i in range(classes)])
+    guesses, average = logits.argmax(-1), "binary" if classes == 2 else "macro"
+    assert ours["eval_accuracy"] == pytest.approx(sklearn.accuracy_score(labels, guesses), abs=1e-4)
+    assert ours["eval_f1"] == pytest.approx(sklearn.f1_score(labels, guesses, average=average), abs=1e-4)
+    assert ours["eval_precision"] == pytest.approx(sklearn.precision_score(labels, guesses, average=average), abs=1e-4)
+    assert ours["eval_recall"] == pytest.approx(sklearn.recall_score(labels, guesses, average=average), abs=1e-4)
+    assert ours["eval_loss"] == pytest.approx(sklearn.log_loss(labels, fts.softmax(logits)), abs=1e-4)
+    assert ours["confusion_matrix"] == sklearn.confusion_matrix(labels, guesses).tolist()
+    if classes > 2:
+        per_class = sklearn.f1_score(labels, guesses, average=None)
+        assert list(ours["per_class_f1"].values()) == pytest.approx(per_class.tolist(), abs=1e-4)
 
 
 def test_quiet_prints_only_metrics_and_predictions(run_args, capfd):

@@ -35,10 +35,15 @@ def test_explicit_bf16_on_a_slow_cpu_runs_with_a_warning(caplog):
     assert fts.choose_precision("bf16", has_gpu=False, speedup=1.28) == "bf16" and not caplog.text  # faster all the same
 
 
-def test_cpu_flags_rule_out_fast_bf16_only_on_x86(monkeypatch, tmp_path):
-    assert fts.cpu_may_have_fast_bf16() in (True, False)
+@pytest.mark.parametrize("flags, expected", [("fpu sse avx avx2 fma", False), ("avx2 avx512f avx512_vnni", False),
+                                            ("avx2 avx512f avx512_bf16", True), ("avx2 amx_tile amx_bf16", True)])
+def test_cpu_flags_rule_out_fast_bf16_only_on_x86(monkeypatch, tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    monkeypatch.setattr(fts.platform, "machine", lambda: "x86_64")
+    assert fts.cpu_may_have_fast_bf16(cpuinfo) is expected
     monkeypatch.setattr(fts.platform, "machine", lambda: "aarch64")
-    assert fts.cpu_may_have_fast_bf16() is True  # no x86 flags to read: the probe decides
+    assert fts.cpu_may_have_fast_bf16(cpuinfo) is True  # no x86 flags to read: the probe decides
 
 
 def test_explicit_bf16_without_the_flags_warns(caplog):
@@ -46,9 +51,21 @@ def test_explicit_bf16_without_the_flags_warns(caplog):
     assert "has no avx512_bf16 or amx_bf16" in caplog.text
 
 
-def test_probe_measures_this_cpu():
-    speedup = fts.bf16_speedup(64, seconds=0.01)
-    assert 0 < speedup < 100 and speedup != 1.0
+@pytest.mark.parametrize("slow, faster", [("bfloat16", lambda x: x < 0.5), ("float32", lambda x: x > 2)])
+def test_probe_is_the_ratio_of_measured_matmul_times(monkeypatch, slow, faster):
+    import time
+
+    import torch
+
+    matmul = torch.Tensor.__matmul__
+
+    def slowed(a, b):  # one dtype made 30 ms slower a call (emulated bf16 takes ~2 ms): the probe must see it
+        if str(a.dtype) == f"torch.{slow}":
+            time.sleep(0.03)
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", slowed)
+    assert faster(fts.bf16_speedup(64, seconds=0.02))
 
 
 @pytest.mark.skipif(GPU, reason="fp16 runs on a GPU")
@@ -80,12 +97,17 @@ def test_bf16_trains_to_the_floor_and_saves_fp32_weights(run_args, imdb_folder):
     assert len(clear) >= 32 and all(a == b for a, b in clear)
 
 
-def test_auto_trains_in_what_it_measured_and_records_it(run_args, tmp_path):
-    import torch
-
+@pytest.mark.skipif(GPU, reason="on a GPU auto follows the device, not the CPU probe")
+@pytest.mark.parametrize("flags_allow, speedup, expected", [(True, 2.5, "bf16"), (True, 1.1, "fp32"),
+                                                            (False, None, "fp32")])
+def test_auto_trains_in_what_the_probe_found_and_records_it(run_args, tmp_path, monkeypatch, flags_allow, speedup,
+                                                            expected):
+    monkeypatch.setattr(fts, "cpu_may_have_fast_bf16", lambda: flags_allow)
+    monkeypatch.setattr(fts, "bf16_speedup", lambda width: speedup)  # what the probe would have measured
     out = tmp_path / "auto"
-    assert fts.main(run_args + ["--precision", "auto", "--epochs", "1", "--output-dir", str(out), "--quiet"]) == 0
+    args = run_args + ["--precision", "auto", "--epochs", "1", "--train-samples", "64", "--output-dir", str(out),
+                       "--quiet"]
+    assert fts.main(args) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    bf16_gpu = GPU and torch.cuda.is_bf16_supported()
-    assert metrics["precision"] == fts.choose_precision("auto", GPU, bf16_gpu, speedup=metrics["bf16_speedup"])
+    assert (metrics["precision"], metrics["bf16_speedup"]) == (expected, speedup)
     assert metrics["config"]["PRECISION"] == "auto"
