@@ -100,11 +100,12 @@ def test_interrupted_two_process_run_resumes(run_args, tmp_path):
                                text=True, env=ENV)
     checkpoints = tmp_path / "out" / "checkpoints"
     deadline = time.time() + 120
-    while not list(checkpoints.glob("checkpoint-*")) and process.poll() is None and time.time() < deadline:
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and process.poll() is None and \
+            time.time() < deadline:
         time.sleep(0.1)  # the first epoch's checkpoint: training is surely under way
     process.send_signal(signal.SIGTERM)  # torchrun forwards it to both workers
     _, err = process.communicate(timeout=60)
-    assert err.count("run the same command again to resume") == 1
+    assert err.count("run the same command again to resume") == 1, err[-3000:]
     saved = sorted(checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert int(saved[-1].name.split("-")[1]) % 75 != 0  # mid-epoch (600 rows / (2 x 4) = 75 steps an epoch)
     assert {p.name for p in saved[-1].glob("rng_state_*")} == {"rng_state_0.pth", "rng_state_1.pth"}

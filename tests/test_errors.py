@@ -167,7 +167,8 @@ def test_sigterm_leaves_a_checkpoint_and_rerun_resumes(run_args, tmp_path):
     process = subprocess.Popen([sys.executable, SCRIPT, *args, "--quiet"], stderr=subprocess.PIPE, env=env)
     checkpoints = tmp_path / "resumed" / "checkpoints"
     deadline = time.time() + 90
-    while not list(checkpoints.glob("checkpoint-*")) and process.poll() is None and time.time() < deadline:
+    while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and process.poll() is None and \
+            time.time() < deadline:
         time.sleep(0.1)  # wait for the first epoch's checkpoint, so training is surely under way
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
