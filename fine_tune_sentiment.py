@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 # model and data
 MODEL_NAME: str = "distilbert-base-uncased"  # hub id, or a local folder with config, safetensors weights and tokenizer
-DATASET_NAME: str = "imdb"  # hub id, local dataset folder, .csv/.json/.jsonl/.parquet file, or the aclImdb/ folder
+DATASET_NAME: str = "imdb"  # hub id, local dataset folder, .csv/.tsv/.json/.jsonl/.parquet file, or the aclImdb/ folder
 TEXT_COLUMN: str = "text"  # column holding the review text
 LABEL_COLUMN: str = "label"  # column holding the classes: 0/1, neg/pos, negative/neutral/positive, any names or ints
 # sizes (None = the preset for this hardware, printed at start; 0 = every row)
