@@ -139,7 +139,7 @@ def trained(tiny_model, imdb_folder, tmp_path_factory) -> dict:
     save = fts.save_outputs
 
     def save_and_remember(model, tokenizer, *args, **kwargs):  # the trained model's logits, before it is saved
-        in_memory["logits"] = fts.logits(model, tokenizer, PROBES)
+        in_memory["logits"] = fts.logits(model, tokenizer, PROBES, precision=PRECISION)  # bf16: still autocast
         return save(model, tokenizer, *args, **kwargs)
 
     fts.save_outputs = save_and_remember

@@ -59,7 +59,8 @@ def test_only_head_tail_learns_a_verdict_at_the_end(run_args, tmp_path):
                            "--output-dir", str(out), "--quiet"]
         assert fts.main(args) == 0
         accuracy[mode] = json.loads((out / "metrics.json").read_text())["eval_accuracy"]
-    assert accuracy["head+tail"] >= 0.9 and accuracy["head"] <= 0.65, accuracy
+    # measured head+tail 0.915-0.935 and head 0.50-0.56 (AVX2, fp32 and bf16); chance is 0.5
+    assert accuracy["head+tail"] >= 0.8 and accuracy["head"] <= 0.65, accuracy
     model, tok = fts.load_adapter(tmp_path / "head+tail" / "adapter")  # --predict cuts as training did
     assert fts.encode(tok, [LONG]) == fts.encode(tokenizer(str(run_args[1]), "head+tail"), [LONG])
     assert fts.predict(model, tok, ["the " * 40 + "wonderful"])[0][0] == "POSITIVE"

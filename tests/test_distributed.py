@@ -91,7 +91,9 @@ def test_eval_loss_and_accuracy_are_the_one_process_ones_of_the_same_adapter(two
 
 def test_accuracy_matches_one_process(two_runs):
     one, two = two_runs["metrics"]["one"]["eval_accuracy"], two_runs["metrics"]["two"]["eval_accuracy"]
-    assert two >= 0.85 and abs(one - two) <= 0.1  # seeds alone move this toy task by up to ~0.07
+    # chance is 0.5; measured 0.85-0.865 for 2 x batch 8 and 0.865-0.885 for 1 x 16 (AVX2, fp32 and bf16), and
+    # seeds alone move this toy task by up to ~0.07
+    assert two >= 0.75 and abs(one - two) <= 0.1
 
 
 def test_interrupted_two_process_run_resumes(run_args, tmp_path):
@@ -115,7 +117,7 @@ def test_interrupted_two_process_run_resumes(run_args, tmp_path):
     assert rerun.returncode == 0, rerun.stderr
     assert f"Resuming the interrupted run from {saved[-1]}" in rerun.stderr
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["eval_accuracy"] >= 0.85 and not checkpoints.exists()
+    assert metrics["eval_accuracy"] >= 0.75 and not checkpoints.exists()  # measured 0.90-0.905; chance 0.5
 
 
 def test_an_error_ends_every_process_with_one_line(run_args, tmp_path):

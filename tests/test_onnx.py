@@ -76,7 +76,7 @@ def test_every_mode_on_onnx(exported, imdb_folder, tmp_path, runtime, capsys):
     assert len(scored) == 21 and scored["predicted_label"].isna().tolist() == [False] * 20 + [True]
     assert fts.main(base + ["--eval-only", "--dataset-name", imdb_folder, "--quiet"]) == 0
     result = json.loads((exported / "eval_metrics.json").read_text())
-    assert result["eval_samples"] == 200 and result["eval_accuracy"] >= 0.85 and result["precision"] == runtime
+    assert result["eval_samples"] == 200 and result["eval_accuracy"] >= 0.8 and result["precision"] == runtime
 
 
 def test_onnx_runtime_imports_no_torch(exported):

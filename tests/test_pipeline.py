@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
+import conftest
 import fine_tune_sentiment as fts
 from conftest import DEVICE, PRESET, PROBES, make_reviews, precision_flags
 
@@ -36,7 +37,7 @@ def test_metrics_json_has_every_field_and_both_classes(trained):
 
 def test_learns_a_separable_task(trained):
     accuracy = trained["metrics"]["eval_accuracy"]
-    assert accuracy >= 0.9
+    assert accuracy >= 0.85  # measured 0.93 (AVX2, fp32); chance is 0.5
     assert accuracy > trained["untrained_accuracy"] + 0.2
 
 
@@ -44,13 +45,13 @@ def test_adapter_reloads_with_the_trained_models_logits(trained):
     model, tokenizer = fts.load_adapter(trained["out"] / "adapter")
     from transformers import AutoModelForSequenceClassification
 
-    reloaded = fts.logits(model, tokenizer, PROBES)
-    # the same fp32 arithmetic on the same batch as the in-memory model before saving: equal
+    reloaded = fts.logits(model, tokenizer, PROBES, precision=conftest.PRECISION)
+    # the same arithmetic (precision, kernels, batch) as the in-memory model before saving: equal
     assert np.array_equal(reloaded, trained["logits_before_save"])
     assert reloaded[0].argmax() == 1 and reloaded[1].argmax() == 0  # and they are the trained model's, not noise
     merged = AutoModelForSequenceClassification.from_pretrained(trained["out"] / "merged")
     # --merge folds LoRA into the weights: the same sums in another order, so fp32 rounding (measured 1e-6)
-    assert np.allclose(fts.logits(merged, tokenizer, PROBES), reloaded, atol=1e-5)
+    assert np.allclose(fts.logits(merged, tokenizer, PROBES), fts.logits(model, tokenizer, PROBES), atol=1e-5)
     assert "peft" not in type(merged).__module__
 
 
