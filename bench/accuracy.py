@@ -12,7 +12,7 @@ seeded, stratified 1,500 sentences of its training rows to a validation split. T
    their epoch on validation and scoring the test split once, at the end.
 
     python bench/accuracy.py --seeds 3     # ~50 min on 2 cores with bf16 (AMX); run bench/run.py --data-only first
-    python bench/accuracy.py --only-final --lora "--target-modules query value ..." --seeds 3
+    python bench/accuracy.py --only-final --lora "--target-modules query value ..." --lora "..." --seeds 3
 
 Each finished run is appended to bench/runs/accuracy/results.jsonl, so an interrupted study keeps its rows.
 """
@@ -90,7 +90,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the final comparison (median)")
     parser.add_argument("--only-final", action="store_true", help="skip the levers; compare --lora with full FT")
-    parser.add_argument("--lora", help="LoRA flags for the final comparison (default: the study's winner)")
+    parser.add_argument("--lora", action="append", help="LoRA flags for the final comparison (default: the study's "
+                        "winner); repeat it to compare several against the same full fine-tuning runs")
     args = parser.parse_args()
     import fine_tune_sentiment as fts
 
@@ -99,7 +100,7 @@ def main() -> None:
     speedup = fts.bf16_speedup(384) if fts.cpu_may_have_fast_bf16() else None
     bf16 = fts.choose_precision("auto", False, speedup=speedup) == "bf16"
     print(f"CPU: {cpu_flags()} | auto: {'bf16' if bf16 else 'fp32'} | validation {VALIDATION_ROWS} rows", flush=True)
-    best_flags = shlex.split(args.lora) if args.lora else BASE
+    configs = [shlex.split(flags) for flags in args.lora or [" ".join(BASE)]]
     if not args.only_final:
         print("Levers (validation accuracy of the kept epoch; the test split is not read):", flush=True)
         base = record("base: q,v r8/a16, lr 1e-3, 2 epochs, linear", run_once(
@@ -117,20 +118,24 @@ def main() -> None:
             combined = record(f"combination: {' '.join(winners)}", run_once(
                 "acc-combined", ours(model, select, BASE + winners, 42)))
             candidates.append((combined["accuracy"], BASE + winners))
-        best_flags = max(candidates, key=lambda c: c[0])[1]  # the best on validation: combination, lever or base
-    print(f"Final, {args.seeds} seeds, test scored once per run: LoRA {' '.join(best_flags)}", flush=True)
-    finals = {"lora": [], "full": []}
-    for seed in range(1, args.seeds + 1):  # alternate, so drift in machine load hits both alike
-        finals["lora"].append(record(f"final LoRA seed {seed}", run_once(f"acc-final-lora-{seed}",
-                                                                          ours(model, final, best_flags, seed))))
+        configs = [max(candidates, key=lambda c: c[0])[1]]  # the best on validation: combination, lever or base
+    print(f"Final, {args.seeds} seeds, test scored once per run: LoRA " + " | ".join(map(" ".join, configs)), flush=True)
+    finals = {"full": []} | {i: [] for i in range(len(configs))}
+    for seed in range(1, args.seeds + 1):  # alternate, so drift in machine load hits all alike
+        for i, flags in enumerate(configs):
+            finals[i].append(record(f"final LoRA {' '.join(flags)} seed {seed}", run_once(
+                f"acc-final-lora{i}-{seed}", ours(model, final, flags, seed))))
         finals["full"].append(record(f"final full fine-tuning seed {seed}{' --bf16' if bf16 else ''}", run_once(
             f"acc-final-full-{seed}", full(model, final, seed, bf16))))
-    lora, anchor = ({k: statistics.median(r[k] for r in finals[n]) for k in ("accuracy", "train_seconds")}
-                    for n in ("lora", "full"))
+    median = {n: {k: statistics.median(r[k] for r in rows) for k in ("accuracy", "train_seconds")}
+              for n, rows in finals.items()}
+    anchor = median["full"]
     print(f"\n| run (median of {args.seeds}) | test accuracy | training s | vs full fine-tuning |\n|---|---|---|---|")
     print(f"| full fine-tuning, 3 epochs, lr 5e-5 | {anchor['accuracy']:.4f} | {anchor['train_seconds']:.0f} | 1.00x |")
-    print(f"| LoRA {' '.join(best_flags)} | {lora['accuracy']:.4f} | {lora['train_seconds']:.0f} | "
-          f"{lora['train_seconds'] / anchor['train_seconds']:.2f}x time, {lora['accuracy'] - anchor['accuracy']:+.4f} |")
+    for i, flags in enumerate(configs):
+        lora = median[i]
+        print(f"| LoRA {' '.join(flags)} | {lora['accuracy']:.4f} | {lora['train_seconds']:.0f} | "
+              f"{lora['train_seconds'] / anchor['train_seconds']:.2f}x time, {lora['accuracy'] - anchor['accuracy']:+.4f} |")
 
 
 if __name__ == "__main__":

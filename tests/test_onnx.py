@@ -18,7 +18,7 @@ from test_modes import digest
 
 pytest.importorskip("onnxruntime")
 ROOT = Path(fts.__file__).parent
-INT8_PROBABILITY_GAP = 0.1
+INT8_PROBABILITY_GAP = 0.3
 LONG = "the movie was great " + "the plot and the acting " * 20 + "awful , the worst"  # longer than 32 tokens
 
 
@@ -55,8 +55,8 @@ def test_int8_agrees_with_fp32(exported, imdb_folder):
     texts = list(pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*"))).text) + [LONG]
     full = fts.softmax(fts.logits(*fts.load_onnx(exported / "onnx", int8=False), texts))[:, 1]
     small = fts.softmax(fts.logits(*fts.load_onnx(exported / "onnx", int8=True), texts))[:, 1]
-    # int8 weights (u8u8, no saturation) move this model's probabilities by at most 0.03 here (AVX2); a saturating
-    # kernel or a broken quantization moves them by far more
+    # 7-bit int8 weights (which cannot saturate) moved this model's probabilities by 0.13-0.18 at most (AVX2, fp32 and
+    # bf16 fixtures); 8-bit weights, which saturate on AVX2, by 0.59-0.63
     assert np.abs(full - small).max() <= INT8_PROBABILITY_GAP
     clear = np.abs(full - 0.5) > INT8_PROBABILITY_GAP  # only a near-tie may change its label
     assert clear.sum() >= 150 and ((full > 0.5) == (small > 0.5))[clear].all()
