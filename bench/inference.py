@@ -35,6 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES), metavar="RUNTIME",
+                        help=f"a subset of: {', '.join(RUNTIMES)} (default: all)")
     args = parser.parse_args()
     model, _ = ensure_packages()
     data, out = ROOT / "bench/data/rotten-tomatoes", WORK / "inference"
@@ -52,9 +54,10 @@ def main() -> None:
     pd.concat([test] * (args.rows // len(test) + 1))[:args.rows].to_csv(source, index=False)
     print(f"CPU: {cpu_flags()}\n{args.rows:,} rows ({len(test):,} test sentences repeated), batches of 64, "
           f"{args.repeats} alternating repeats", flush=True)
-    found = {name: [] for name in RUNTIMES}
+    found = {name: [] for name in args.runtimes}
     for repeat in range(args.repeats):
-        for name, flags in RUNTIMES.items():
+        for name in found:
+            flags = RUNTIMES[name]
             target = out / f"predictions-{name.replace(' ', '-')}.csv"
             printed, peak = run([*script, *flags, "--predict-file", str(source), "--predictions", str(target),
                                  "--quiet", "--batch-size", "32"])
@@ -64,7 +67,7 @@ def main() -> None:
             found[name].append({"rate": rate, "peak": peak, "accuracy": accuracy})
             print(f"  {name} #{repeat}: {rate:.1f} rows/s, peak RSS {peak:.0f} MiB, accuracy {accuracy:.4f}", flush=True)
     cold = {}
-    for name in ("torch auto", "onnx-int8"):
+    for name in [n for n in ("torch auto", "onnx-int8") if n in found]:
         seconds = []
         for _ in range(3):
             started = time.perf_counter()
@@ -72,8 +75,9 @@ def main() -> None:
                            capture_output=True)
             seconds.append(time.perf_counter() - started)
         cold[name] = statistics.median(seconds)
-    base = statistics.median(r["rate"] for r in found["torch fp32"])
-    print("\n| runtime | --predict-file rows/s (median) | vs torch fp32 | peak RSS MiB | accuracy (2,000) | "
+    first = next(iter(found))  # the baseline of the ratios: torch fp32 unless --runtimes leaves it out
+    base = statistics.median(r["rate"] for r in found[first])
+    print(f"\n| runtime | --predict-file rows/s (median) | vs {first} | peak RSS MiB | accuracy (2,000) | "
           "--predict cold start s (median of 3) |\n|---|---|---|---|---|---|")
     for name, rows in found.items():
         rate = statistics.median(r["rate"] for r in rows)
