@@ -2,40 +2,45 @@
 
 Loads IMDB, tokenizes it for DistilBERT, wraps the model in a PEFT LoRA adapter (about 1% of the
 weights train, the classification head included), trains with the Hugging Face Trainer in the precision
-this hardware is fast at, reports accuracy, F1, loss and the confusion matrix, prints sample predictions
-and saves a reusable adapter. Two classes or more, as the data says; long reviews keep head and tail.
+this hardware is fast at, reports accuracy, F1, loss and the confusion matrix, calibrates the probabilities,
+prints sample predictions and saves a reusable adapter. Two classes or more, as the data says; long reviews keep
+head and tail. predict_sentiment.py puts the saved model to work (predict, score files, serve, Ray).
 
     python fine_tune_sentiment.py                                   # sized for this machine (preset printed)
     python fine_tune_sentiment.py --train-samples 4000 --epochs 2   # every constant below is a flag
     torchrun --nproc_per_node 2 fine_tune_sentiment.py              # the same, on 2 processes or GPUs
-    python fine_tune_sentiment.py --predict "This movie was fantastic!"  # reuse the saved adapter
-    python fine_tune_sentiment.py --eval-only --dataset-name new.csv     # evaluate it on new data
-    python fine_tune_sentiment.py --predict-file in.csv --predictions out.csv  # score a whole file
-    python fine_tune_sentiment.py --export-onnx && python fine_tune_sentiment.py --runtime onnx-int8 --predict "Fun!"
+    python fine_tune_sentiment.py --search 8                        # try 8 settings (Optuna), train the best
+    python fine_tune_sentiment.py --eval-only --dataset-name new.csv     # evaluate the saved adapter on new data
+    python fine_tune_sentiment.py --export-onnx                          # for predict_sentiment.py --runtime onnx-int8
+    python predict_sentiment.py --predict "This movie was fantastic!"  # (this file takes that flag too)
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import signal
 import socket
 import sys
+import shlex
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import numpy as np
+
+import predict_sentiment as inference
+from predict_sentiment import (DATA_FILE_TYPES, ID2LABEL, InputError, add_mode_flags, add_settings, encode,
+                               load_adapter, load_for_inference, logits, need_package, one_line, pad, predict,
+                               print_predictions, softmax)
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -61,6 +66,8 @@ WEIGHT_DECAY: float = 0.01  # AdamW weight decay on the trainable weights
 EARLY_STOPPING: int = 0  # with EPOCHS > 1, stop after this many evaluations without better accuracy; 0 = off
 VALIDATION: float = 0.1  # with EPOCHS > 1, the share of train that picks the epoch (0: test does, optimistic)
 SCHEDULER: str = "linear"  # how the learning rate decays after warmup: linear or cosine
+CLASS_WEIGHTS: str = "none"  # none, or balanced: each class's loss weighted by rows / (classes x its rows)
+CALIBRATE: bool = True  # fit a temperature on the validation split so the probabilities mean what they say
 # LoRA
 LORA_R: int = 8  # rank of the low-rank update; 4-16 is typical
 LORA_ALPHA: int = 16  # update scale is alpha / r; 2 * r is the usual choice
@@ -82,27 +89,30 @@ SAMPLE_REVIEWS: list[str] = [  # predicted and printed after training
 ]
 
 SETTINGS = list(__annotations__)  # the annotated names above are the settings; each one is a flag
+SEARCH_SPACE = {  # --search N: each trial draws its settings from these (Optuna's TPE sampler, seeded by SEED)
+    "LEARNING_RATE": (1e-4, 3e-3),  # log-uniform between the two
+    "LORA_R": (4, 8, 16),
+    "LORA_ALPHA": (1, 2),  # times LORA_R
+    "TARGET_MODULES": ("default", "all-linear"),  # default: the attention query and value projections
+    "EPOCHS": (1, 2, 3),
+    "LORA_DROPOUT": (0.0, 0.1),
+}
 PRESETS = {  # fills the settings left at None; a value set in the file or on the command line wins
     "gpu": dict(TRAIN_SAMPLES=0, EVAL_SAMPLES=0, MAX_LENGTH=512, EPOCHS=3, BATCH_SIZE=32),  # full IMDB, 25k/25k
     "cpu": dict(TRAIN_SAMPLES=2000, EVAL_SAMPLES=1000, MAX_LENGTH=256, EPOCHS=1, BATCH_SIZE=16),  # 16.8 min, 2 AVX2 cores
 }
 DEFAULT_TARGETS = {"distilbert": ["q_lin", "v_lin"], "bert": ["query", "value"], "roberta": ["query", "value"]}
 HEAD_MODULES = {"distilbert": ["pre_classifier", "classifier"], "bert": ["pooler", "classifier"]}  # trained + saved
-ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}
 SENTIMENT_NAMES = {"neg": "negative", "negative": "negative", "neu": "neutral", "neutral": "neutral",
                    "pos": "positive", "positive": "positive"}  # string labels read as these, case-insensitively
 SENTIMENT_ORDER = ["negative", "neutral", "positive"]  # their class order; other names follow, sorted
 MAX_CLASSES = 100  # more is probably the wrong column
 CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "TRUNCATION": ("head+tail", "head"),  # one of a few words
-           "SCHEDULER": ("linear", "cosine"), "LORA_VARIANT": ("lora", "rslora", "dora"),
-           "RUNTIME": ("torch", "onnx", "onnx-int8")}
-FAST_BF16 = 1.3  # auto picks bf16 on a CPU only where its matmuls measured at least this much faster than fp32
+           "SCHEDULER": ("linear", "cosine"), "CLASS_WEIGHTS": ("none", "balanced"),
+           "LORA_VARIANT": ("lora", "rslora", "dora"), "RUNTIME": ("torch", "onnx", "onnx-int8")}
 TRACKER_PACKAGES = {"comet_ml": ("comet_ml", "comet-ml"), "azure_ml": ("azureml", "azureml-core")}  # else name, name
-PREDICT_FILE_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")  # --predict-file reads these
-PREDICTIONS_FILE_TYPES = (".csv", ".jsonl", ".parquet")  # and writes these
-CHUNK_ROWS = 10_000  # --predict-file reads, scores and writes this many rows at a time
-DATA_FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-log = logging.getLogger("fine_tune_sentiment")
+POSITIVE = ("LEARNING_RATE", "EPOCHS", "BATCH_SIZE", "LORA_R", "MAX_LENGTH")  # settings that must be above 0
+log = logging.getLogger("sentiment")  # predict_sentiment's logger too
 
 
 # The training story: what `python fine_tune_sentiment.py` does, step by step ------------------------------------
@@ -120,7 +130,7 @@ def run_training(config: dict, args: argparse.Namespace) -> dict:
         data = tokenize(data, tokenizer)  # 3. tokenize once; batches are padded later
     run.precision, run.speedup = resolve_precision(config["PRECISION"], run.has_gpu, model.config.hidden_size)
     trainer, train_metrics = train(model, tokenizer, data, run)  # 4. train
-    metrics = evaluate(trainer, data["test"]) | describe(run, model, data, trainer, train_metrics)  # 5. evaluate
+    metrics = evaluate(trainer, data, config["CALIBRATE"]) | describe(run, model, data, trainer, train_metrics)  # 5.
     if not is_main():
         return metrics  # the main process prints and saves
     print_metrics(metrics)
@@ -145,6 +155,7 @@ class Run:
     quiet: bool
     precision: str = "fp32"
     speedup: float | None = None
+    class_weights: list[float] | None = None
 
 
 def start_run(config: dict, args: argparse.Namespace) -> Run:
@@ -413,24 +424,6 @@ def load_tokenizer(model_name: str, max_length: int, model_limit: int | None, tr
     return tokenizer
 
 
-def encode(tokenizer, texts: list[str]) -> dict:
-    """Tokenize once, without padding, and cut reviews longer than model_max_length as TRUNCATION says."""
-    backend = tokenizer.backend_tokenizer  # the tokenizers library itself: the same cut with or without transformers
-    backend.no_truncation()  # a call of the tokenizer may have left its own settings behind
-    backend.no_padding()
-    limit, rows = tokenizer.model_max_length, backend.encode_batch(texts)
-    word, with_specials = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
-    before = with_specials.index(word[0])  # [CLS] and the like
-    after = len(with_specials) - before - len(word)  # [SEP] and the like
-    budget = limit - before - after
-    head = budget // 4 if tokenizer.init_kwargs.get("review_truncation", "head") == "head+tail" else budget
-    tail = budget - head  # Sun et al. 2019: the head and the tail keep IMDB's verdict best
-    fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
-    return {key: [ids if len(ids) <= limit else ids[:before + head] + ids[len(ids) - tail - after:]
-                  for ids in (getattr(row, field) for row in rows)]
-            for key, field in fields.items() if key in tokenizer.model_input_names}
-
-
 def tokenize(data: DatasetDict, tokenizer) -> DatasetDict:
     """Tokenize every split once; padding happens per batch in the collator."""
     def encode_batch(batch):
@@ -440,7 +433,7 @@ def tokenize(data: DatasetDict, tokenizer) -> DatasetDict:
 
     return data.map(encode_batch, batched=True, remove_columns=["text"], desc="Tokenizing")
 
-# 4. Train ---------------------------------------------------------------------------------------------------------
+# 4. Train --------------------------------------------------------------------------------------------------------
 
 
 def train(model, tokenizer, data: DatasetDict, run: Run):
@@ -451,12 +444,15 @@ def train(model, tokenizer, data: DatasetDict, run: Run):
     checkpoints = Path(config["OUTPUT_DIR"]) / "checkpoints"
     resume_from = resume_point(checkpoints, config, run.fresh)
     interrupt = interrupt_callback()
+    if config["CLASS_WEIGHTS"] == "balanced":
+        run.class_weights = class_weights(data["train"]["labels"], len(model.config.id2label))
     stop_early = [EarlyStoppingCallback(config["EARLY_STOPPING"])] if config["EARLY_STOPPING"] and config[
         "EPOCHS"] > 1 else []  # it compares evaluations, and one epoch has only the final one
     trainer = Trainer(model=model, args=training_arguments(run, checkpoints, len(data["train"])),
                       train_dataset=data["train"], eval_dataset=data.get("validation", data["test"]).sort("length"),
                       data_collator=DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if run.has_gpu else None),
-                      processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[interrupt, *stop_early])
+                      processing_class=tokenizer, compute_metrics=compute_metrics, callbacks=[interrupt, *stop_early],
+                      compute_loss_func=run.class_weights and weighted_loss(run.class_weights))
     if run.quiet:
         trainer.remove_callback(PrinterCallback)  # it prints every log line when progress bars are off
     try:
@@ -562,23 +558,107 @@ def interrupt_callback():
 
     return SaveOnInterrupt()
 
+def class_weights(labels: list[int], classes: int) -> list[float]:
+    """Inverse class frequency: rows / (classes x the class's rows), so every class weighs the same in the loss."""
+    counts = np.bincount(labels, minlength=classes)
+    return [round(float(w), 6) for w in len(labels) / (classes * counts)]
+
+
+def weighted_loss(weights: list[float]):
+    """The Trainer's loss hook: cross-entropy with a weight per class, averaged over the batch's weights (as torch)."""
+    import torch
+
+    table = torch.tensor(weights)
+
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"].float()
+        return torch.nn.functional.cross_entropy(logits, labels, weight=table.to(logits.device))
+
+    return loss
+
 # 5. Evaluate ------------------------------------------------------------------------------------------------------
 
 
-def evaluate(trainer, dataset: Dataset) -> dict:
-    """Evaluate the (best) model on dataset: loss, accuracy, F1, precision, recall, confusion matrix."""
-    output = trainer.predict(dataset.sort("length"), metric_key_prefix="eval")  # sorted by length: less padding
-    speed = {k: round(v, 4) for k, v in output.metrics.items() if k.endswith(("_runtime", "_per_second"))}
-    return metrics_from(output.predictions, output.label_ids, list(trainer.model.config.id2label.values())) | speed
+def evaluate(trainer, data: DatasetDict, calibrated: bool) -> dict:
+    """Score the test split once: loss, accuracy, F1, precision, recall, confusion matrix; with CALIBRATE, after
+    fitting the temperature on validation and folding it into the head, as the model is then saved."""
+    test = trainer.predict(data["test"].sort("length"), metric_key_prefix="eval")  # sorted by length: less padding
+    model = trainer.model  # the peft model (trainer.model_wrapped is the DDP one)
+    temperature, calibration = calibrate(model, trainer, data, test) if calibrated else (1.0, "off")
+    speed = {k: round(v, 4) for k, v in test.metrics.items() if k.endswith(("_runtime", "_per_second"))}
+    return metrics_from(test.predictions / temperature, test.label_ids, list(model.config.id2label.values())) | speed \
+        | {"calibration": calibration}
+
+
+def calibrate(model, trainer, data: DatasetDict, test) -> tuple[float, dict | str]:
+    """Temperature scaling (Guo et al. 2017): find the T that minimises the validation split's NLL and fold 1/T into
+    the classifier (argmax unchanged), so every way of loading the model gives calibrated probabilities."""
+    if "validation" not in data:
+        log.info("Calibration skipped: no validation split (one epoch, or VALIDATION=0)")
+        return 1.0, "skipped: no validation split (one epoch, or VALIDATION=0)"
+    held = trainer.predict(data["validation"].sort("length"), metric_key_prefix="validation")
+    t = fit_temperature(held.predictions, held.label_ids)
+    scale_classifier(model, 1 / t)
+    found = {"temperature": round(t, 4), "bins": 15,
+             "validation_nll_before": cross_entropy(held.predictions, held.label_ids),
+             "validation_nll_after": cross_entropy(held.predictions / t, held.label_ids),
+             "test_ece_before": ece(test.predictions, test.label_ids), "test_ece_after": ece(test.predictions / t,
+                                                                                           test.label_ids),
+             "test_nll_before": cross_entropy(test.predictions, test.label_ids),
+             "test_nll_after": cross_entropy(test.predictions / t, test.label_ids)}
+    log.info(f"Calibrated on {len(held.label_ids)} validation rows: temperature {t:.3f}; test ECE "
+             f"{found['test_ece_before']:.4f} -> {found['test_ece_after']:.4f}, NLL {found['test_nll_before']:.4f} -> "
+             f"{found['test_nll_after']:.4f}")
+    return t, {k: round(v, 4) for k, v in found.items()}
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T in [0.05, 20] that minimises the NLL of logits / T: golden-section search over log T (NLL is unimodal)."""
+    low, high, ratio = np.log(0.05), np.log(20.0), (np.sqrt(5) - 1) / 2
+    for _ in range(60):
+        a, b = high - ratio * (high - low), low + ratio * (high - low)
+        if cross_entropy(logits / np.exp(a), labels) < cross_entropy(logits / np.exp(b), labels):
+            high = b
+        else:
+            low = a
+    return float(np.exp((low + high) / 2))
+
+
+def scale_classifier(model, factor: float) -> None:
+    """Multiply the trained classifier's last linear layer (weight and bias) by factor: the logits scale with it."""
+    import torch
+
+    heads = [m for name, m in model.named_modules()  # the classifier itself, not DistilBERT's pre_classifier
+             if name.split(".")[-3:] in (["classifier", "modules_to_save", "default"],
+                                         ["score", "modules_to_save", "default"])]
+    last = [m for m in heads[0].modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(factor)
+        if last.bias is not None:
+            last.bias.mul_(factor)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The mean negative log-probability of the true classes (NLL)."""
+    return float(-np.log(np.maximum(softmax(logits)[np.arange(len(labels)), labels], 1e-12)).mean())
+
+
+def ece(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error: |accuracy - confidence| per equal-width confidence bin, weighted by its rows."""
+    probabilities = softmax(logits)
+    confidence, right = probabilities.max(-1), probabilities.argmax(-1) == labels
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    return float(sum(abs(right[which == b].mean() - confidence[which == b].mean()) * np.mean(which == b)
+                     for b in range(bins) if np.any(which == b)))
 
 
 def metrics_from(logits: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
     """The eval_* metrics and the confusion matrix of logits against labels; per-class F1 with 3+ classes."""
     matrix = confusion_matrix(labels, np.argmax(logits, axis=-1), len(names))
     found = scores(matrix)
-    loss = -np.log(np.maximum(softmax(logits)[np.arange(len(labels)), labels], 1e-12)).mean()  # cross-entropy
     metrics = {f"eval_{k}": round(found[k], 4) for k in ("accuracy", "f1", "precision", "recall")}
-    metrics["eval_loss"] = round(float(loss), 4)
+    metrics["eval_loss"] = round(cross_entropy(logits, labels), 4)
+    metrics["per_class_recall"] = dict(zip(names, found["per_class_recall"]))  # what class weights are for
     if len(names) > 2:  # two classes keep exactly the fields they always had
         metrics |= {"average": "macro", "per_class_f1": dict(zip(names, found["per_class_f1"]))}
     return metrics | {"confusion_matrix": matrix}
@@ -587,8 +667,10 @@ def metrics_from(logits: np.ndarray, labels: np.ndarray, names: list[str]) -> di
 def compute_metrics(eval_pred) -> dict:
     """The Trainer's per-evaluation metrics: scores() of the confusion matrix, scalars only."""
     logits, labels = eval_pred
-    metrics = scores(confusion_matrix(labels, np.argmax(logits, axis=-1), logits.shape[-1]))
-    del metrics["per_class_f1"]  # the Trainer logs scalars; evaluate() adds the list for more than two classes
+    predictions = np.argmax(logits, axis=-1)
+    metrics = scores(confusion_matrix(labels, predictions, logits.shape[-1]))
+    metrics["predicted_classes"] = len(np.unique(predictions))  # 1: collapsed (--search prunes such a trial)
+    del metrics["per_class_f1"], metrics["per_class_recall"]  # the Trainer logs scalars; metrics_from has the lists
     return metrics
 
 
@@ -609,7 +691,8 @@ def scores(matrix: list[list[int]]) -> dict:
                    where=precision + recall > 0)
     pick = (lambda x: float(x[1])) if len(hits) == 2 else (lambda x: float(x.mean()))
     return {"accuracy": float(hits.sum() / matrix.sum()), "f1": pick(f1), "precision": pick(precision),
-            "recall": pick(recall), "per_class_f1": [round(float(x), 4) for x in f1]}
+            "recall": pick(recall), "per_class_f1": [round(float(x), 4) for x in f1],
+            "per_class_recall": [round(float(x), 4) for x in recall]}
 
 
 def describe(run: Run, model, data: DatasetDict, trainer, train_metrics: dict) -> dict:
@@ -620,6 +703,7 @@ def describe(run: Run, model, data: DatasetDict, trainer, train_metrics: dict) -
             "train_samples_per_second": round(train_metrics["train_samples_per_second"], 2),  # totals over processes
             "trainable_params": trainable, "total_params": total, "device": run.device, "preset": run.preset,
             "precision": run.precision, "bf16_speedup": run.speedup and round(run.speedup, 2),
+            "class_weights": run.class_weights and dict(zip(model.config.id2label.values(), run.class_weights)),
             "world_size": rank_and_world()[1], "backend": run.backend, "labels": list(model.config.id2label.values()),
             "lora_targets": short_names(model.peft_config["default"].target_modules),
             "date": time.strftime("%Y-%m-%d"), "config": run.config} | selection(trainer.state, data)
@@ -635,65 +719,6 @@ def selection(state, data: DatasetDict) -> dict:
             "validation_samples": len(data["validation"]) if "validation" in data else 0,
             "accuracy_per_epoch": accuracies, "best_epoch": round(state.best_global_step / steps_per_epoch)}
 
-
-# 6. Predict -------------------------------------------------------------------------------------------------------
-
-
-def predict(model, tokenizer, texts: list[str], batch_size: int = 32, precision: str = "fp32"
-            ) -> list[tuple[str, float]]:
-    """Classify texts: (label, probability) for each, in input order."""
-    probabilities = softmax(logits(model, tokenizer, texts, batch_size, precision))
-    return [(model.config.id2label[int(i)], float(p[i])) for p, i in zip(probabilities, probabilities.argmax(-1))]
-
-
-def logits(model, tokenizer, texts: list[str], batch_size: int = 32, precision: str = "fp32",
-           progress: bool = False) -> np.ndarray:
-    """The model's logits for texts, run longest first in batches (less padding), returned in input order."""
-    from tqdm.auto import tqdm
-
-    forward = model.session_forward if hasattr(model, "session_forward") else torch_forward(model, precision)
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    found = np.zeros((len(texts), len(model.config.id2label)), dtype=np.float32)
-    for start in tqdm(range(0, len(order), batch_size), unit=" batches", disable=not progress):
-        rows = order[start:start + batch_size]
-        found[rows] = forward(pad(encode(tokenizer, [texts[i] for i in rows]), tokenizer.pad_token_id))
-    return found
-
-
-def torch_forward(model, precision: str):
-    """A function from a padded batch (numpy) to the logits of a transformers model, in the given precision."""
-    import torch
-
-    model.eval()
-    device = next(model.parameters()).device
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-
-    def forward(batch: dict) -> np.ndarray:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            return model(**{k: torch.from_numpy(v).to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
-
-    return forward
-
-
-def pad(encoded: dict, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pad a batch of token lists to its longest row: int64 arrays, ids with pad_id, mask and types with 0."""
-    width = max(map(len, encoded["input_ids"]))
-    return {key: np.array([row + [pad_id if key == "input_ids" else 0] * (width - len(row)) for row in rows],
-                          dtype=np.int64) for key, rows in encoded.items()}
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Probabilities from logits, along the last axis."""
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def print_predictions(texts: list[str], predictions: list[tuple[str, float]]) -> None:
-    """Print each review (shortened to one line) with its predicted label and probability."""
-    for text, (label, score) in zip(texts, predictions):
-        shown = " ".join(text.split())
-        shown = shown if len(shown) <= 100 else shown[:97] + "..."
-        print(f'Review: "{shown}"\nPrediction: {label} ({score:.2f})')
 
 # 7. Save ----------------------------------------------------------------------------------------------------------
 
@@ -723,8 +748,9 @@ def save_outputs(model, tokenizer, metrics: dict, state, output_dir: Path, merge
 
 def write_card(folder: Path, where: Path, metrics: dict, library: str) -> None:
     """Replace peft's empty template in folder (to become where) with a filled model card and hub metadata."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
     config, names = metrics["config"], list(metrics["labels"])
-    data, base = json.dumps(config["DATASET_NAME"]), json.dumps(config["MODEL_NAME"])
     labels = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
     load = {"peft": f"""classify = pipeline("text-classification", model="{where}", model_kwargs=labels)
 # or, with peft's own class:
@@ -735,19 +761,19 @@ classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.
             "transformers": f'classify = pipeline("text-classification", model="{where}")'}[library]
     rows = "\n".join(f"| {k.removeprefix('eval_')} | {metrics[k]:.4f} |" for k in
                      ("eval_accuracy", "eval_f1", "eval_precision", "eval_recall", "eval_loss"))
-    (folder / "README.md").write_text(f"""---
-base_model: {base}
-library_name: {library}
-pipeline_tag: text-classification
-tags: [sentiment-analysis, lora, fine_tune_sentiment]
-model-index:
-- name: {json.dumps(f"{config['MODEL_NAME']} LoRA sentiment")}
-  results:
-  - task: {{type: text-classification, name: Text Classification}}
-    dataset: {{name: {data}, type: {data}, split: test}}
-    metrics:
-    - {{type: accuracy, value: {metrics['eval_accuracy']}}}
-    - {{type: f1, value: {metrics['eval_f1']}{', args: {average: macro}' if len(names) > 2 else ''}}}
+    results = [EvalResult(task_type="text-classification", task_name="Text Classification", dataset_split="test",
+                          dataset_type=config["DATASET_NAME"], dataset_name=config["DATASET_NAME"], metric_type=kind,
+                          metric_value=metrics[f"eval_{kind}"], metric_args=args)
+               for kind, args in (("accuracy", None), ("f1", {"average": "macro"} if len(names) > 2 else None))]
+    found = metrics["calibration"]
+    confidence = found if isinstance(found, str) else (
+        f"calibrated by temperature scaling (T = {found['temperature']}, folded into the classifier); test ECE "
+        f"{found['test_ece_before']} before, {found['test_ece_after']} after")
+    header = ModelCardData(base_model=config["MODEL_NAME"], library_name=library, pipeline_tag="text-classification",
+                           tags=["sentiment-analysis", "lora", "fine_tune_sentiment"], eval_results=results,
+                           model_name=f"{config['MODEL_NAME']} LoRA sentiment")
+    ModelCard(f"""---
+{header.to_yaml()}
 ---
 
 # LoRA sentiment adapter for `{config['MODEL_NAME']}`
@@ -762,6 +788,7 @@ Trained by `fine_tune_sentiment.py` on {metrics['date']}: a LoRA adapter plus a 
 {metrics['lora_targets']}; {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters trained
 - **Training:** {config['EPOCHS']} epoch(s), batch size {config['BATCH_SIZE']} x {metrics['world_size']} process(es), \
 learning rate {config['LEARNING_RATE']}, precision {metrics['precision']}, on {metrics['device']}
+- **Probabilities:** {confidence}
 
 ## Evaluation ({metrics['eval_samples']:,} rows, {metrics['date']})
 
@@ -778,9 +805,9 @@ labels = {labels!r}
 classify("This movie was fantastic!")
 ```
 
-`pipeline()` cuts reviews longer than {config['MAX_LENGTH']} tokens at the head only; `fine_tune_sentiment.py
+`pipeline()` cuts reviews longer than {config['MAX_LENGTH']} tokens at the head only; `predict_sentiment.py
 --predict` cuts them as training did (`{config['TRUNCATION']}`).
-""")
+""").save(folder / "README.md")
 
 
 def save_plot(history: list, matrix: list, names: list[str], path: Path) -> Path | None:
@@ -812,16 +839,124 @@ def save_plot(history: list, matrix: list, names: list[str], path: Path) -> Path
     os.replace(tmp, path)
     return path
 
-# The other modes: the saved adapter at work ---------------------------------------------------------------------
+# The other modes: a settings search, and the saved adapter at work ----------------------------------------------
 
 
-def run_predict(config: dict, texts: list[str]) -> None:
-    """--predict: classify the given texts with the saved adapter, without training."""
-    reviews = read_stdin_reviews() if texts == ["-"] else texts
-    if not reviews:
-        raise InputError("no reviews on stdin; pass one review per line, or the texts after --predict")
-    model, tokenizer, precision = load_for_inference(config)
-    print_predictions(reviews, predict(model, tokenizer, reviews, precision=precision))
+def run_search(config: dict, args: argparse.Namespace, trials: int) -> dict:
+    """--search N: N trials of SEARCH_SPACE through Trainer.hyperparameter_search (Optuna), each a fresh model scored
+    on the validation split; the study lives in OUTPUT_DIR/search.db, so the same command resumes it. Then the best
+    settings train as a normal run, which scores the test split once."""
+    if not config["VALIDATION"]:
+        raise InputError("--search scores each trial on the validation split; set VALIDATION above 0")
+    need_package("optuna", what="--search", requirements="requirements-search.txt")
+    import optuna
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, set_seed
+
+    run = start_run(config, args)
+    signal.signal(signal.SIGTERM, stop)  # like Ctrl-C: the trial in progress is recorded as failed, then exit 130
+    optuna.logging.set_verbosity(optuna.logging.WARNING if args.quiet else optuna.logging.INFO)
+    set_seed(config["SEED"])
+    data = load_data(config | {"EPOCHS": max(SEARCH_SPACE["EPOCHS"])})  # every trial is scored on validation
+    if "validation" not in data:
+        raise InputError("--search scores each trial on the validation split; set VALIDATION above 0")
+    names = data["train"].features["labels"].names
+    model, tokenizer = load_model(config, names)
+    data = tokenize(data, tokenizer)
+    run.precision, run.speedup = resolve_precision(config["PRECISION"], run.has_gpu, model.config.hidden_size)
+    output_dir = Path(config["OUTPUT_DIR"])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name="search", storage=f"sqlite:///{output_dir / 'search.db'}",
+                                load_if_exists=True, direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=config["SEED"]))
+    for trial in study.get_trials(states=[optuna.trial.TrialState.RUNNING]):  # cut short by an interruption
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    done = len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]))
+    if done:
+        log.warning(f"Resuming the search in {output_dir / 'search.db'}: {done} of {trials} trials done")
+    if done < trials:
+        def model_init(trial):
+            pick = trial_settings(trial) if trial is not None else config
+            return build_model(local_or_hub(config["MODEL_NAME"]), pick["TARGET_MODULES"], pick["LORA_R"],
+                               pick["LORA_ALPHA"], pick["LORA_DROPOUT"], names, config["LORA_VARIANT"])
+
+        arguments = replace(training_arguments(run, output_dir / "search", len(data["train"])), save_strategy="no",
+                            load_best_model_at_end=False, eval_strategy="epoch")  # each trial: validation per epoch
+        trainer = Trainer(model_init=model_init, args=arguments, train_dataset=data["train"],
+                          eval_dataset=data["validation"].sort("length"), compute_metrics=compute_metrics,
+                          data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
+        if args.quiet:
+            trainer.remove_callback(PrinterCallback)
+        trainer.hyperparameter_search(direction="maximize", backend="optuna", n_trials=trials - done,
+                                      hp_space=lambda trial: {"learning_rate": trial_settings(trial)["LEARNING_RATE"],
+                                                              "num_train_epochs": trial_settings(trial)["EPOCHS"]},
+                                      compute_objective=trial_score, study_name="search", load_if_exists=True,
+                                      storage=f"sqlite:///{output_dir / 'search.db'}", sampler=study.sampler)
+        shutil.rmtree(output_dir / "search", ignore_errors=True)
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{output_dir / 'search.db'}")
+    if not study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
+        raise InputError(f"every one of the {trials} trials collapsed to one class or failed; see "
+                         f"{output_dir / 'search.db'} (remove it to start over)")
+    best = trial_settings(study.best_trial)
+    command = "python fine_tune_sentiment.py " + " ".join(
+        [shlex.quote(a) for a in drop_flag(args.argv, "--search")] + [
+            f"--{k.lower().replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in best.items()
+            if not (k == "TARGET_MODULES" and v is None)])
+    write_search(output_dir / "search.json", study, trials, best, command)
+    print(f"Best of {trials} trials (validation accuracy {study.best_value:.4f}): {json.dumps(best)}\n"
+          f"Reproduce it with: {command}")
+    return run_training(config | best, args)  # test is scored once, here
+
+
+def stop(signum, frame):
+    """A signal handler that stops as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def trial_settings(trial) -> dict:
+    """One trial's settings, drawn from SEARCH_SPACE (or read back from a finished trial)."""
+    space, get = SEARCH_SPACE, getattr(trial, "suggest_categorical", None)
+    if get is None:  # a FrozenTrial: the settings it drew
+        params = trial.params
+    else:
+        params = {"LEARNING_RATE": trial.suggest_float("LEARNING_RATE", *space["LEARNING_RATE"], log=True)} | {
+            name: get(name, list(space[name])) for name in space if name != "LEARNING_RATE"}
+    targets = params["TARGET_MODULES"]
+    return {"LEARNING_RATE": params["LEARNING_RATE"], "EPOCHS": params["EPOCHS"], "LORA_R": params["LORA_R"],
+            "LORA_ALPHA": params["LORA_ALPHA"] * params["LORA_R"], "LORA_DROPOUT": params["LORA_DROPOUT"],
+            "TARGET_MODULES": None if targets == "default" else [targets]}
+
+
+def trial_score(metrics: dict) -> float:
+    """A trial's validation accuracy; a model that predicts one class only is pruned, whatever its accuracy."""
+    import optuna
+
+    if metrics.get("eval_predicted_classes", 2) < 2:
+        raise optuna.TrialPruned("it predicts one class only")
+    return metrics["eval_accuracy"]
+
+
+def write_search(path: Path, study, trials: int, best: dict, command: str) -> None:
+    """search.json: every trial with its settings, state, validation accuracy and time; the winner; its command."""
+    rows = [{"number": t.number, "state": t.state.name, "validation_accuracy": t.value,
+             "settings": trial_settings(t) if t.params else {},
+             "seconds": round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
+             if t.datetime_complete and t.datetime_start else None} for t in study.trials]
+    write_json(path, {"trials_asked": trials, "space": SEARCH_SPACE, "best": best,
+                      "best_validation_accuracy": study.best_value, "command": command, "trials": rows})
+
+
+def drop_flag(argv: list[str], flag: str) -> list[str]:
+    """argv without flag and its value."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return out
+
 
 
 def run_eval_only(config: dict, quiet: bool) -> dict:
@@ -845,58 +980,6 @@ def run_eval_only(config: dict, quiet: bool) -> dict:
     log.info(f"Done: accuracy {metrics['eval_accuracy']:.4f} on {len(data)} rows | "
              f"eval_metrics: {output_dir / 'eval_metrics.json'}")
     return metrics
-
-
-def run_predict_file(config: dict, source: str, target: str | None, quiet: bool) -> None:
-    """--predict-file: score every row of a file with the saved adapter, streaming, into --predictions."""
-    import pandas as pd
-    from tqdm.auto import tqdm
-
-    source = Path(source).expanduser()
-    target = Path(target).expanduser() if target else Path(config["OUTPUT_DIR"]) / "predictions.csv"
-    if not source.is_file():
-        raise InputError(f"input file {str(source)!r} does not exist")
-    if source.suffix.lower() not in PREDICT_FILE_TYPES:
-        raise InputError(f"input file {str(source)!r} must end in one of {', '.join(PREDICT_FILE_TYPES)}")
-    if target.suffix.lower() not in PREDICTIONS_FILE_TYPES:
-        raise InputError(f"--predictions {str(target)!r} must end in one of {', '.join(PREDICTIONS_FILE_TYPES)}")
-    if not target.parent.is_dir():
-        raise InputError(f"the folder of --predictions {str(target)!r} does not exist")
-    if target.resolve() == source.resolve():
-        raise InputError("--predictions must not be the input file")
-    column = config["TEXT_COLUMN"]
-    chunks = read_chunks(source, column)
-    first = next(chunks, None)
-    if first is None:
-        raise InputError(f"could not read {str(source)!r}: no rows")
-    if column not in first.columns:
-        raise InputError(f"text column {column!r} not found in {str(source)!r}; it has columns: "
-                         f"{', '.join(map(str, first.columns))} (set --text-column)")
-    model, tokenizer, precision = load_for_inference(config)
-    tmp, rows, empty, started = target.with_name(f".{target.name}.tmp"), 0, 0, time.perf_counter()
-    try:
-        with open_writer(tmp, target.suffix.lower()) as write, tqdm(unit=" rows", disable=quiet) as bar:
-            for chunk in itertools.chain([first], chunks):  # a row that cannot be read or written: InputError
-                usable = [isinstance(t, str) and bool(t.strip()) for t in chunk[column]]
-                texts = list(chunk[column][usable])
-                scored = iter(predict(model, tokenizer, texts, eval_batch_size(config), precision))
-                pairs = [next(scored) if ok else (None, None) for ok in usable]  # typed: a chunk may be all empty
-                try:
-                    write(chunk.assign(
-                        predicted_label=pd.Series([p[0] for p in pairs], dtype="string", index=chunk.index),
-                        predicted_score=pd.Series([p[1] for p in pairs], dtype="float64", index=chunk.index)))
-                except InputError as error:
-                    raise InputError(f"{str(source)!r}, rows {rows + 1}-{rows + len(chunk)}: {error}") from error
-                rows, empty = rows + len(chunk), empty + usable.count(False)
-                bar.update(len(chunk))
-        os.replace(tmp, target)  # only a complete file takes the name; an earlier one stays until then
-    finally:
-        tmp.unlink(missing_ok=True)
-    if empty:
-        log.warning(f"warning: {empty} of {rows} rows have no text; their predicted_label and predicted_score "
-                    f"are empty")
-    seconds = time.perf_counter() - started
-    print(f"Scored {rows} rows in {seconds:.1f}s ({rows / max(seconds, 1e-9):.0f} rows/s): {target}")
 
 
 def run_export_onnx(config: dict) -> Path:
@@ -933,278 +1016,67 @@ def export_onnx(model, tokenizer, folder: Path) -> None:
         "base_model": model.config.name_or_path, "date": time.strftime("%Y-%m-%d")})
 
 
-def load_onnx(folder: Path, int8: bool):
-    """An exported model and its tokenizer, without torch or transformers: onnxruntime and tokenizers stand in."""
-    from types import SimpleNamespace
-
-    if not (folder / "config.json").exists():
-        raise InputError(f"no exported model in {folder}; run python fine_tune_sentiment.py --export-onnx first")
-    need_package("onnxruntime")
-    import onnxruntime
-    from tokenizers import Tokenizer
-
-    saved = json.loads((folder / "config.json").read_text())
-    session = onnxruntime.InferenceSession(str(folder / ("model_int8.onnx" if int8 else "model.onnx")),
-                                           providers=["CPUExecutionProvider"])
-    model = SimpleNamespace(config=SimpleNamespace(id2label={int(i): n for i, n in saved["id2label"].items()}),
-                            session_forward=lambda batch: session.run(["logits"], batch)[0])
-    tokenizer = SimpleNamespace(backend_tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")),
-                                model_max_length=saved["max_length"], model_input_names=saved["inputs"],
-                                init_kwargs={"review_truncation": saved["truncation"]},
-                                pad_token_id=saved["pad_token_id"])  # what encode() and pad() read
-    return model, tokenizer
-
-
-def need_package(*modules: str) -> None:
-    """Fail in one line, with the install command, when an optional package is missing."""
-    import importlib.util
-
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise InputError(f"the ONNX runtime needs {', '.join(missing)}: pip install -r requirements-onnx.txt")
-
-
 def eval_batch_size(config: dict) -> int:
     """Inference batches: twice the training batch, as in the Trainer's evaluation."""
     return 2 * (config["BATCH_SIZE"] or PRESETS["cpu"]["BATCH_SIZE"])
 
 
-def load_for_inference(config: dict):
-    """What every inference mode starts with: the saved model, its tokenizer, and the precision to run them in."""
-    if config["RUNTIME"] != "torch":  # the exported model: no torch, transformers or peft is imported
-        model, tokenizer = load_onnx(Path(config["OUTPUT_DIR"]) / "onnx", int8=config["RUNTIME"] == "onnx-int8")
-        return model, tokenizer, config["RUNTIME"]
-    model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
-    precision, _ = resolve_precision(config["PRECISION"], model.device.type == "cuda", model.config.hidden_size)
-    return model, tokenizer, precision
-
-
-def load_adapter(adapter_dir: Path):
-    """Load a saved adapter (with its head and tokenizer) for inference."""
-    import torch
-    import transformers
-    from peft import AutoPeftModelForSequenceClassification
-    from transformers import AutoTokenizer
-
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise InputError(f"no saved adapter in {adapter_dir}; train first (python fine_tune_sentiment.py) "
-                         f"or point --output-dir at a finished run")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    transformers.logging.set_verbosity_error()  # else "head newly initialized": true of the base, not of the adapter
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    names = tokenizer.init_kwargs.get("id2label", ID2LABEL)  # the base's config lacks our label names
-    id2label = {int(i): name for i, name in names.items()}
-    try:
-        model = AutoPeftModelForSequenceClassification.from_pretrained(
-            str(adapter_dir), use_safetensors=True, id2label=id2label, label2id={n: i for i, n in id2label.items()})
-    except OSError as error:  # e.g. the base model is a hub id and the hub is out of reach
-        raise InputError(f"could not load the adapter in {adapter_dir}: {one_line(error)}") from error
-    return model.to(device), tokenizer
-
-
-def read_stdin_reviews() -> list[str]:
-    """Read one review per line from stdin; skip blank lines and lines that are not UTF-8 text."""
-    reviews = []
-    for number, raw in enumerate(sys.stdin.buffer.read().split(b"\n"), start=1):
-        try:
-            if b"\0" in raw:
-                raise UnicodeDecodeError("utf-8", raw, 0, 1, "binary data")
-            line = raw.decode("utf-8").rstrip("\r")
-        except UnicodeDecodeError:
-            log.warning(f"warning: skipping stdin line {number}: not valid UTF-8 text")
-            continue
-        if line.strip():
-            reviews.append(line)
-    return reviews
-
-
-def read_chunks(path: Path, text_column: str, rows: int | None = None):
-    """Yield a data file as DataFrames of at most `rows` (CHUNK_ROWS) rows, in order, all with the first rows'
-    columns; csv and tsv values stay text as written. A row that cannot be read anywhere in the file, or keys that
-    the first rows lack, end it with an InputError that names the file and the rows read before."""
-    columns, done = None, 0
-    try:
-        for chunk in file_chunks(path, text_column, rows or CHUNK_ROWS):
-            columns = list(chunk.columns) if columns is None else columns
-            extra = [str(c) for c in chunk.columns if c not in columns]
-            if extra:
-                raise InputError(f"{str(path)!r} has columns after row {done} that the first {done} rows lack: "
-                                 f"{', '.join(extra[:5])}; give every row the same keys")
-            yield chunk.reindex(columns=columns)  # a jsonl row may leave a key out: empty there
-            done += len(chunk)
-    except (ValueError, OSError) as error:  # pandas' and pyarrow's parse errors, bad UTF-8, a truncated file
-        raise InputError(f"could not read {str(path)!r} after row {done}: {one_line(error)}") from error
-
-
-def file_chunks(path: Path, text_column: str, rows: int):
-    """The file's rows as DataFrames of at most `rows`, as its type is read."""
-    import pandas as pd
-
-    kind = path.suffix.lower()
-    if kind in (".csv", ".tsv"):
-        yield from pd.read_csv(path, sep="\t" if kind == ".tsv" else ",", dtype=str, keep_default_na=False,
-                               chunksize=rows)
-    elif kind == ".jsonl":
-        yield from pd.read_json(path, lines=True, dtype=False, chunksize=rows)
-    elif kind == ".json":  # one JSON array cannot be read in pieces; .jsonl can
-        frame = pd.read_json(path, dtype=False)
-        yield from (frame[start:start + rows] for start in range(0, max(len(frame), 1), rows))
-    elif kind == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from (batch.to_pandas() for batch in pq.ParquetFile(path).iter_batches(batch_size=rows))
-    else:  # .txt: one review per line
-        with open(path, encoding="utf-8", errors="replace", newline="") as lines:
-            while chunk := [line.rstrip("\r\n") for line in itertools.islice(lines, rows)]:
-                yield pd.DataFrame({text_column: chunk})
-
-
-@contextmanager
-def open_writer(path: Path, kind: str):
-    """Yield write(frame), which appends rows to path as csv, jsonl or parquet (kind); close it at the end."""
-    if kind == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        writer = None
-
-        def write(frame):
-            nonlocal writer
-            try:
-                table = pa.Table.from_pandas(frame, preserve_index=False)
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as error:  # one column holding numbers and text
-                raise InputError(f"{one_line(error)}; write --predictions as .csv or .jsonl") from error
-            if writer is None:  # a column empty in the first rows may hold text later: string, not null
-                writer = pq.ParquetWriter(path, pa.schema(
-                    [f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]))
-            columns = []
-            for field in writer.schema:  # a file's types may change after its first rows (jsonl)
-                try:
-                    columns.append(table.column(field.name).cast(field.type))
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as error:
-                    raise InputError(f"column {field.name!r} was {field.type} in the first rows and is "
-                                     f"{table.column(field.name).type} here ({one_line(error)}); write "
-                                     f"--predictions as .csv or .jsonl") from error
-            writer.write_table(pa.Table.from_arrays(columns, schema=writer.schema))
-
-        try:
-            yield write
-        finally:
-            if writer:
-                writer.close()
-        return
-    with open(path, "w", encoding="utf-8", newline="") as out:
-        def write(frame):
-            if kind == ".csv":
-                frame.to_csv(out, header=out.tell() == 0, index=False)
-            elif len(frame):
-                out.write(frame.to_json(orient="records", lines=True, force_ascii=False).rstrip("\n") + "\n")
-
-        yield write
-
 # The machinery: flags, logging, processes, precision, sources, files ------------------------------------------
 
 
-class InputError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2."""
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags, then either train (default) or predict with a saved adapter; return the exit code."""
+    """Parse flags, then train (default), search, evaluate, export, or hand an inference mode to predict_sentiment;
+    return the exit code."""
     config, args = parse_args(argv)
-    inference = bool(args.predict or args.eval_only or args.predict_file)
-    setup_logging(args.quiet, transformers=not (inference and config["RUNTIME"] != "torch"))
-    try:
-        if (inference or args.export_onnx) and rank_and_world()[1] > 1:
-            raise InputError("--predict, --eval-only, --predict-file and --export-onnx run in one process; run them "
-                             "with python, not torchrun")
-        modes = [flag for flag, on in (("--predict", args.predict), ("--eval-only", args.eval_only),
-                                       ("--predict-file", args.predict_file), ("--export-onnx", args.export_onnx)) if on]
-        if len(modes) > 1:
-            raise InputError(f"{' and '.join(modes)} are separate modes; run one at a time")
-        if args.predictions and not args.predict_file:
-            raise InputError("--predictions names the output of --predict-file; pass --predict-file IN too")
-        if args.predict:
-            run_predict(config, args.predict)
-        elif args.eval_only:
-            run_eval_only(config, args.quiet)
-        elif args.predict_file:
-            run_predict_file(config, args.predict_file, args.predictions, args.quiet)
-        elif args.export_onnx:
-            run_export_onnx(config)
-        else:
-            run_training(config, args)
-            leave_processes()
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except InputError as error:
-        if args.debug:
-            raise
-        if is_main():  # the other processes meet the same input, so one message is enough
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    modes = inference.modes_of(args) + [flag for flag, on in (("--eval-only", args.eval_only), ("--export-onnx",
+                                                               args.export_onnx), ("--search", args.search)) if on]
+    if inference.modes_of(args) and len(modes) == 1 and rank_and_world()[1] == 1:  # one command line, either file
+        inference.setup_logging(args.quiet)
+        forwarded = {name: getattr(args, name) for name in inference.SETTINGS} | {
+            "BATCH_SIZE": eval_batch_size(config)}  # this file's BATCH_SIZE trains; inference runs twice as many
+        return inference.exit_code(lambda: inference.check_and_run(forwarded, args), args.debug)
+    setup_logging(args.quiet, transformers=not (args.eval_only and config["RUNTIME"] != "torch"))
+    return inference.exit_code(lambda: run_mode(config, args, modes), args.debug, report=is_main())  # one message:
+    # the other processes meet the same input
+
+
+def run_mode(config: dict, args: argparse.Namespace, modes: list[str]) -> None:
+    """Refuse flags that do not go together, then run the one mode asked for, or train."""
+    if modes and rank_and_world()[1] > 1:
+        raise InputError(f"{modes[0]} runs in one process; run it with python, not torchrun")
+    if len(modes) > 1:
+        raise InputError(f"{' and '.join(modes)} are separate modes; run one at a time")
+    if args.predictions and not args.predict_file:
+        raise InputError("--predictions names the output of --predict-file; pass --predict-file IN too")
+    if args.eval_only:
+        run_eval_only(config, args.quiet)
+    elif args.export_onnx:
+        run_export_onnx(config)
+    elif args.search:
+        run_search(config, args, args.search)
+    else:
+        run_training(config, args)
+        leave_processes()
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]:
-    """Build one flag per setting (from the constants block) and return (settings, run options)."""
-    comments = dict(re.findall(r"^([A-Z_]+):.*?#\s*(.+)$", Path(__file__).read_text(), re.M))
+    """One flag per setting of both files' constants blocks, and the mode flags; return (settings, run options)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      usage="%(prog)s [--SETTING VALUE ...] [--predict TEXT ...] (see --help)",
                                      allow_abbrev=False)
-    for name in SETTINGS:
-        kind, default = str(__annotations__[name]), globals()[name]  # the annotation is text, e.g. "int | None"
-        flag = "--" + name.lower().replace("_", "-")
-        helptext = f"{comments.get(name, '')} (default: {default!r})".replace("%", "%%")
-        if kind == "bool":
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=helptext)
-        elif kind.startswith("list"):
-            parser.add_argument(flag, dest=name, nargs="+", default=default, metavar="TEXT", help=helptext)
-        else:
-            parser.add_argument(flag, dest=name, type=value_parser(name, kind), default=default, help=helptext)
-    parser.add_argument("--predict", nargs="+", metavar="TEXT", help="load OUTPUT_DIR/adapter and classify TEXT "
-                        "without training; '-' reads one review per line from stdin")
+    add_settings(parser, sys.modules[__name__])
+    add_settings(parser, inference, skip=SETTINGS)  # the server's and Ray's settings, for the forwarded modes
+    add_mode_flags(parser)
     parser.add_argument("--eval-only", action="store_true", help="evaluate OUTPUT_DIR/adapter on DATASET_NAME (its "
                         "test split, or a whole data file) into OUTPUT_DIR/eval_metrics.json, without training")
-    parser.add_argument("--predict-file", metavar="IN", help="score every row of IN (.csv .tsv .jsonl .json .parquet "
-                        ".txt) with OUTPUT_DIR/adapter; the text is in TEXT_COLUMN")
-    parser.add_argument("--predictions", metavar="OUT", help="where --predict-file writes (.csv .jsonl .parquet; "
-                        "default OUTPUT_DIR/predictions.csv): every input row and column, plus the prediction")
     parser.add_argument("--export-onnx", action="store_true", help="export OUTPUT_DIR/adapter to OUTPUT_DIR/onnx/ "
                         "(model.onnx, model_int8.onnx, tokenizer) for --runtime onnx and onnx-int8, or onnxruntime")
+    parser.add_argument("--search", type=int, metavar="N", help="try N settings from SEARCH_SPACE (Optuna), each "
+                        "scored on the validation split, then train the best; OUTPUT_DIR/search.db resumes it")
     parser.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run; start over")
-    parser.add_argument("--quiet", action="store_true", help="print only the metrics and the predictions")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # --search prints the command that reproduces its best
     return {name: getattr(args, name) for name in SETTINGS}, args
-
-
-def value_parser(name: str, kind: str) -> callable:
-    """Return an argparse type that checks a flag value against the setting's type and range."""
-    base = int if "int" in kind else float if "float" in kind else str
-
-    def parse(text: str):
-        if "None" in kind and text.lower() in ("none", "auto"):
-            return None
-        if name in CHOICES:
-            if text.lower() not in CHOICES[name]:
-                raise argparse.ArgumentTypeError(f"expected one of {', '.join(CHOICES[name])}, got {text!r}")
-            return text.lower()
-        try:
-            value = base(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
-        if base is not str and (value < 0 or not np.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
-        if name in ("LEARNING_RATE", "EPOCHS", "BATCH_SIZE", "LORA_R", "MAX_LENGTH") and value == 0:
-            raise argparse.ArgumentTypeError("must be greater than 0")
-        if name in ("WARMUP", "LORA_DROPOUT", "VALIDATION") and value >= 1:
-            raise argparse.ArgumentTypeError(f"must be below 1, got {text!r}")
-        return value
-
-    parse.__name__ = base.__name__  # argparse names the type in its error messages
-    return parse
 
 
 def apply_preset(config: dict, has_gpu: bool) -> str:
@@ -1249,6 +1121,12 @@ def print_metrics(metrics: dict) -> None:
     else:  # rows are the true classes, columns the predicted ones, both in class order
         print(f"per_class_f1: {json.dumps(metrics['per_class_f1'])}")
         print(f"confusion_matrix: {json.dumps(metrics['confusion_matrix'])}")
+
+
+def resolve_precision(requested: str, has_gpu: bool, width: int) -> tuple[str, float | None]:
+    """predict_sentiment's choice of precision; under torchrun the main process runs the probe and shares it."""
+    return inference.resolve_precision(requested, has_gpu, width,
+                                       lambda probe: from_main(probe() if is_main() else None))
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -1323,69 +1201,6 @@ def from_main(value):
     return box[0]
 
 
-def cpu_may_have_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """False on an x86 Linux CPU whose flags lack avx512_bf16 and amx_bf16 (bf16 is emulated there, many times
-    slower, and its first use alone takes seconds); True where that is not ruled out, so the probe decides."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not cpuinfo.exists():
-        return True
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
-                  if line.startswith("flags")), None)
-    return flags is None or bool({"avx512_bf16", "amx_bf16"} & set(flags))
-
-
-def bf16_speedup(width: int, seconds: float = 0.2) -> float:
-    """Time width-wide matmuls on this CPU in fp32 and in bf16; return how many times faster bf16 ran."""
-    import torch
-
-    width = max(width, 256)  # at a tiny test model's width the timing would be all overhead
-    x, w = torch.randn(128, width), torch.randn(width, width)
-
-    def seconds_per_call(dtype) -> float:
-        a, b = x.to(dtype), w.to(dtype)
-        a @ b  # warm-up: the first bf16 call picks and builds its kernel
-        calls, start = 0, time.perf_counter()
-        while calls == 0 or time.perf_counter() - start < seconds:  # without fast bf16 one call can take 0.1 s
-            a @ b
-            calls += 1
-        return (time.perf_counter() - start) / calls
-
-    return seconds_per_call(torch.float32) / seconds_per_call(torch.bfloat16)
-
-
-def choose_precision(requested: str, has_gpu: bool, gpu_has_bf16: bool = False, speedup: float | None = None) -> str:
-    """Resolve PRECISION for this hardware: on a CPU, auto takes bf16 only where the probe measured it fast."""
-    if has_gpu:
-        if requested == "bf16" and not gpu_has_bf16:
-            raise InputError("this GPU has no bf16 support; use --precision fp16, fp32 or auto")
-        return ("bf16" if gpu_has_bf16 else "fp16") if requested == "auto" else requested
-    if requested == "fp16":
-        raise InputError("fp16 needs a GPU (CPU autocast runs bf16 only); use --precision bf16, fp32 or auto")
-    fast = speedup is not None and speedup >= FAST_BF16
-    if requested == "bf16" and (speedup is None or speedup < 1):  # slower than fp32, not just short of FAST_BF16
-        found = f"measured {speedup:.2f}x the speed of fp32" if speedup else "has no avx512_bf16 or amx_bf16"
-        log.warning(f"warning: bf16 on this CPU {found}; it will be slow (--precision auto picks the faster one)")
-    return "bf16" if requested == "bf16" or (requested == "auto" and fast) else "fp32"
-
-
-def resolve_precision(requested: str, has_gpu: bool, width: int) -> tuple[str, float | None]:
-    """Measure what the hardware needs measured, then choose; return (precision, measured bf16 speedup or None)."""
-    import torch
-
-    speedup, note = None, ""
-    if has_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
-        precision = choose_precision(requested, True, torch.cuda.is_bf16_supported())
-    else:
-        if requested in ("auto", "bf16") and not cpu_may_have_fast_bf16():
-            note = "; no avx512_bf16 or amx_bf16 in this CPU's flags, so bf16 was not timed"
-        elif requested in ("auto", "bf16"):  # the main process times; the others take its result
-            speedup = from_main(bf16_speedup(width) if is_main() else None)
-            note = f"; bf16 matmuls ran {speedup:.2f}x as fast as fp32 on this CPU"
-        precision = choose_precision(requested, False, speedup=speedup)
-    log.info(f"Precision: {precision} ({requested}{note})")
-    return precision, speedup
-
-
 def check_source(name: str, what: str) -> None:
     """Fail fast on a missing local path, or on a hub id when the hub cannot be reached."""
     if Path(name).expanduser().exists():
@@ -1434,11 +1249,6 @@ def local_or_hub(name: str) -> str:
 def short_names(targets: set | str) -> list[str]:
     """LoRA's target modules as short names (all-linear lists every full path)."""
     return [targets] if isinstance(targets, str) else sorted({name.split(".")[-1] for name in targets})
-
-
-def one_line(error: BaseException) -> str:
-    """The first line of an exception message."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -86,19 +86,27 @@ def record(name: str, result: dict) -> dict:
     return row
 
 
+def earlier_runs() -> list[dict]:
+    """Every run results.jsonl has kept, oldest first."""
+    log = WORK / "accuracy" / "results.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the final comparison (median)")
     parser.add_argument("--only-final", action="store_true", help="skip the levers; compare --lora with full FT")
     parser.add_argument("--lora", action="append", help="LoRA flags for the final comparison (default: the study's "
                         "winner); repeat it to compare several against the same full fine-tuning runs")
+    parser.add_argument("--reuse-full", action="store_true", help="take full fine-tuning's runs of the same seeds "
+                        "from results.jsonl (the latest of each) instead of training them again")
     args = parser.parse_args()
-    import fine_tune_sentiment as fts
+    import predict_sentiment as pst
 
     model, _ = ensure_packages()
     select, final = write_folders(ROOT / "bench" / "data" / "rotten-tomatoes")
-    speedup = fts.bf16_speedup(384) if fts.cpu_may_have_fast_bf16() else None
-    bf16 = fts.choose_precision("auto", False, speedup=speedup) == "bf16"
+    speedup = pst.bf16_speedup(384) if pst.cpu_may_have_fast_bf16() else None
+    bf16 = pst.choose_precision("auto", False, speedup=speedup) == "bf16"
     print(f"CPU: {cpu_flags()} | auto: {'bf16' if bf16 else 'fp32'} | validation {VALIDATION_ROWS} rows", flush=True)
     configs = [shlex.split(flags) for flags in args.lora or [" ".join(BASE)]]
     if not args.only_final:
@@ -125,7 +133,9 @@ def main() -> None:
         for i, flags in enumerate(configs):
             finals[i].append(record(f"final LoRA {' '.join(flags)} seed {seed}", run_once(
                 f"acc-final-lora{i}-{seed}", ours(model, final, flags, seed))))
-        finals["full"].append(record(f"final full fine-tuning seed {seed}{' --bf16' if bf16 else ''}", run_once(
+        name = f"final full fine-tuning seed {seed}{' --bf16' if bf16 else ''}"
+        earlier = [row for row in earlier_runs() if row["name"] == name] if args.reuse_full else []
+        finals["full"].append(earlier[-1] if earlier else record(name, run_once(
             f"acc-final-full-{seed}", full(model, final, seed, bf16))))
     median = {n: {k: statistics.median(r[k] for r in rows) for k in ("accuracy", "train_seconds")}
               for n, rows in finals.items()}

@@ -21,7 +21,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import fine_tune_sentiment as fts  # noqa: E402
+import fine_tune_sentiment as fts
+import predict_sentiment as pst  # noqa: E402
 from bench.run import WORK, cpu_flags  # noqa: E402
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     for name, (kind, reduce_range) in formats.items():
         quantize_dynamic(str(onnx / "model.onnx"), str(work / f"{name}.onnx"), weight_type=kind, per_channel=True,
                          reduce_range=reduce_range)
-    fp32_model, tokenizer = fts.load_onnx(onnx, int8=False)
+    fp32_model, tokenizer = pst.load_onnx(onnx, int8=False)
     reference = fts.softmax(fts.logits(fp32_model, tokenizer, texts, 64))
     print(f"CPU: {cpu_flags()}\n{len(texts):,} sentences, batches of 64, {args.repeats} alternating repeats\n"
           f"fp32: accuracy {np.mean(reference.argmax(-1) == labels):.4f}", flush=True)

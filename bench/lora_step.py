@@ -91,9 +91,9 @@ def main() -> None:
     if args.profile:
         step_times(args.profile, "fp32", 1, profile=True)
         return
-    import fine_tune_sentiment as fts
+    import predict_sentiment as pst
 
-    auto, speedup = fts.resolve_precision("auto", False, 384)
+    auto, speedup = pst.resolve_precision("auto", False, 384)
     precisions = ["fp32"] + (["bf16"] if auto == "bf16" else [])
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
     print(f"CPU: {cpu_flags()}; torch kernels: ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'native')}, "

@@ -128,9 +128,9 @@ def main() -> None:
         print(f"model: {model}\ndata: {data}")
         return
     sys.path.insert(0, str(ROOT))
-    import fine_tune_sentiment as fts
+    import predict_sentiment as pst
 
-    speedup = fts.bf16_speedup(384)  # MiniLM's width; the full fine-tuning anchor uses bf16 where ours would
+    speedup = pst.bf16_speedup(384)  # MiniLM's width; the full fine-tuning anchor uses bf16 where ours would
     print(f"model: all-MiniLM-L6-v2 | data: {data.name} | repeats: {repeats}\nCPU: {cpu_flags()}; "
           f"bf16 matmul speedup {speedup:.2f}x", flush=True)
     variants = {"baseline": lambda out: baseline_command(model, data, out),
@@ -147,7 +147,7 @@ def main() -> None:
     extra = {}
     if not args.no_anchor:
         extra["ours tuned"] = run_once("ours-tuned", lambda out: our_command(model, data, out, TUNED))
-        full_flags = FULL + (["--bf16"] if fts.choose_precision("auto", False, speedup=speedup) == "bf16" else [])
+        full_flags = FULL + (["--bf16"] if pst.choose_precision("auto", False, speedup=speedup) == "bf16" else [])
         extra["full fine-tuning"] = run_once("full", lambda out: baseline_command(model, data, out, full_flags))
         for name, r in extra.items():
             print(f"  {name}: accuracy {r['eval_accuracy']:.4f} (per epoch {r.get('epoch_accuracies', '-')}), "

@@ -22,12 +22,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fine_tune_sentiment as fts  # noqa: E402
+import predict_sentiment as pst  # noqa: E402
 
 GPU = torch.cuda.is_available()  # the suite runs on a GPU machine too (bench/gpu_check.py)
 DEVICE = torch.cuda.get_device_name() if GPU else "cpu"  # what metrics.json records
 PRESET = "gpu" if GPU else "cpu"
 PRECISION = "fp32"  # set from --precision in pytest_configure, before any test module is imported
-MODEL_FIXTURES = {"tiny_model", "trained", "run_args", "imdb_folder"}  # a test using one trains or predicts
+MODEL_FIXTURES = {"tiny_model", "trained", "run_args", "imdb_folder", "exported"}  # a test using one trains or predicts
 POSITIVE = ["great", "wonderful", "excellent", "fantastic", "loved", "brilliant"]
 NEGATIVE = ["awful", "terrible", "boring", "dull", "hated", "worst"]
 FILLER = ["the", "movie", "film", "was", "a", "plot", "acting", "story", "this", "it", "and", "really", "i"]
@@ -61,6 +62,7 @@ def precision_flags() -> list[str]:
 def suite_precision(monkeypatch):
     """Every main() call without --precision runs at the suite's precision, not at what auto picks here."""
     monkeypatch.setattr(fts, "PRECISION", PRECISION)
+    monkeypatch.setattr(pst, "PRECISION", PRECISION)  # its own modes too
 
 
 def make_reviews(n: int, seed: int) -> list[tuple[str, int]]:
@@ -149,3 +151,14 @@ def trained(tiny_model, imdb_folder, tmp_path_factory) -> dict:
         fts.save_outputs = save
     return {"out": out, "metrics": json.loads((out / "metrics.json").read_text()), "args": args,
             "untrained_accuracy": untrained_accuracy, "logits_before_save": in_memory["logits"]}
+
+
+@pytest.fixture(scope="session")
+def exported(trained, tmp_path_factory) -> Path:
+    """A copy of the trained run's adapter, exported to ONNX by --export-onnx."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("onnx-run")
+    shutil.copytree(trained["out"] / "adapter", out / "adapter")
+    assert fts.main(["--output-dir", str(out), "--export-onnx", "--quiet"]) == 0
+    return out

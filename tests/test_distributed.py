@@ -40,7 +40,7 @@ def two_runs(tiny_model, imdb_folder, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ddp")
     base = ["--model-name", tiny_model, "--dataset-name", imdb_folder, "--train-samples", "0", "--eval-samples", "0",
             "--max-length", "32", "--epochs", "3", "--learning-rate", "0.01", "--lora-dropout", "0", "--warmup", "0",
-            *precision_flags()]
+            "--class-weights", "balanced", *precision_flags()]  # balanced data: weights of 1, the loss hook runs
     two = torchrun(flags(base, root / "two", 8))
     assert two.returncode == 0, two.stderr
     assert fts.main(flags(base, root / "one", 16) + ["--quiet"]) == 0
@@ -129,8 +129,17 @@ def test_an_error_ends_every_process_with_one_line(run_args, tmp_path):
     assert "[rank1]" not in result.stderr
 
 
-@pytest.mark.parametrize("mode", [["--predict", "fine"], ["--eval-only"], ["--predict-file", "in.csv"]])
-def test_inference_modes_refuse_torchrun(monkeypatch, capsys, tmp_path, mode):
+@pytest.mark.parametrize("mode", [["--predict", "fine"], ["--eval-only"], ["--predict-file", "in.csv"], ["--serve"],
+                                  ["--search", "3"], ["--export-onnx"]])
+def test_one_process_modes_refuse_torchrun(monkeypatch, capsys, tmp_path, mode):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert fts.main(["--output-dir", str(tmp_path), *mode]) == 2
-    assert "run in one process; run them with python, not torchrun" in capsys.readouterr().err
+    assert f"error: {mode[0]} runs in one process; run it with python, not torchrun" in capsys.readouterr().err
+
+
+def test_class_weights_and_calibration_under_torchrun(two_runs):
+    for name in ("one", "two"):
+        metrics = two_runs["metrics"][name]
+        assert metrics["class_weights"] == {"NEGATIVE": 1.0, "POSITIVE": 1.0}  # 270 and 270 training rows
+        found = metrics["calibration"]
+        assert found["temperature"] > 0 and found["validation_nll_after"] <= found["validation_nll_before"]

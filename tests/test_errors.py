@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 import fine_tune_sentiment as fts
+import predict_sentiment as pst
 from conftest import make_reviews
 
 SCRIPT = str(Path(fts.__file__))
@@ -193,7 +194,7 @@ def test_sigterm_leaves_a_checkpoint_and_rerun_resumes(run_args, tmp_path):
 
 
 def test_predict_file_reads_every_chunk_guarded(trained, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(fts, "CHUNK_ROWS", 5)  # the error lands in the third chunk, after two were scored
+    monkeypatch.setattr(pst, "CHUNK_ROWS", 5)  # the error lands in the third chunk, after two were scored
     target = tmp_path / "out.csv"
     target.write_text("earlier predictions\n")
     base = ["--output-dir", str(trained["out"]), "--predictions", str(target), "--predict-file"]
@@ -212,7 +213,7 @@ def test_predict_file_reads_every_chunk_guarded(trained, tmp_path, monkeypatch, 
 
 
 def test_jsonl_types_that_change_between_chunks(trained, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(fts, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(pst, "CHUNK_ROWS", 4)
     rows = [{"text": "great film", "id": i, "note": None} for i in range(4)]
     rows += [{"text": "awful film", "id": i, "note": "seen twice"} for i in range(4, 8)]  # null, then text: works
     source, target = tmp_path / "in.jsonl", tmp_path / "out.parquet"

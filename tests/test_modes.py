@@ -11,8 +11,10 @@ import pytest
 import yaml
 
 import fine_tune_sentiment as fts
+import predict_sentiment as pst
 import conftest
 from conftest import make_reviews
+from test_distributed import near_ties
 from test_errors import fails_with
 
 OUTPUTS = ("adapter", "merged", "metrics.json", "training.png")
@@ -28,7 +30,9 @@ def test_eval_only_on_a_dataset_folder_matches_training_and_touches_nothing(trai
     before = {name: digest(out / name) for name in OUTPUTS}
     assert fts.main(["--output-dir", str(out), "--dataset-name", imdb_folder, "--eval-only"]) == 0
     result = json.loads((out / "eval_metrics.json").read_text())
-    assert result["eval_accuracy"] == trained["metrics"]["eval_accuracy"]  # same adapter, same 200 test rows
+    test = pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*")))
+    ties = near_ties(out / "adapter", list(test.text))  # training scored them before the temperature was folded in
+    assert abs(result["eval_accuracy"] - trained["metrics"]["eval_accuracy"]) * 200 <= ties  # same adapter and rows
     assert result["eval_samples"] == sum(map(sum, result["confusion_matrix"])) == 200
     assert result["dataset"] == imdb_folder and result["adapter"] == str((out / "adapter").resolve())
     assert "=== eval metrics ===" in capsys.readouterr().out
@@ -96,7 +100,7 @@ def test_read_chunks_streams_every_format_in_order(tmp_path):
             frame.to_json(path, orient="records")
         else:
             WRITE[kind](frame, path)
-        chunks = list(fts.read_chunks(path, "text", rows=3))
+        chunks = list(pst.read_chunks(path, "text", rows=3))
         assert [len(c) for c in chunks] == [3, 3, 1], kind
         assert [str(t) for c in chunks for t in c["text"]] == list(frame.text), kind
 
@@ -110,7 +114,7 @@ def test_a_failed_or_interrupted_predict_file_leaves_no_partial_output(trained, 
     def breaks(*args, **kwargs):
         raise stop
 
-    monkeypatch.setattr(fts, "predict", breaks)
+    monkeypatch.setattr(pst, "predict", breaks)
     args = ["--output-dir", str(trained["out"]), "--predict-file", str(source), "--predictions", str(target)]
     if isinstance(stop, KeyboardInterrupt):
         assert fts.main(args) == 130

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import fine_tune_sentiment as fts
+import predict_sentiment as pst
 from conftest import make_reviews
 from test_errors import fails_with
 from test_modes import digest
@@ -20,17 +21,6 @@ pytest.importorskip("onnxruntime")
 ROOT = Path(fts.__file__).parent
 INT8_PROBABILITY_GAP = 0.3
 LONG = "the movie was great " + "the plot and the acting " * 20 + "awful , the worst"  # longer than 32 tokens
-
-
-@pytest.fixture(scope="module")
-def exported(trained, tmp_path_factory) -> Path:
-    """A copy of the trained run's adapter, exported to ONNX by --export-onnx."""
-    import shutil
-
-    out = tmp_path_factory.mktemp("onnx-run")
-    shutil.copytree(trained["out"] / "adapter", out / "adapter")
-    assert fts.main(["--output-dir", str(out), "--export-onnx", "--quiet"]) == 0
-    return out
 
 
 def test_export_writes_the_folder(exported):
@@ -45,7 +35,7 @@ def test_export_writes_the_folder(exported):
 def test_onnx_logits_equal_torch_fp32_on_short_and_long_reviews(exported):
     texts = ["the movie was great", "awful , boring", LONG, "", "great " * 60]
     torch_model, tokenizer = fts.load_adapter(exported / "adapter")
-    onnx_model, onnx_tokenizer = fts.load_onnx(exported / "onnx", int8=False)
+    onnx_model, onnx_tokenizer = pst.load_onnx(exported / "onnx", int8=False)
     assert fts.encode(onnx_tokenizer, texts) == fts.encode(tokenizer, texts)  # the same head+tail cut
     assert np.allclose(fts.logits(onnx_model, onnx_tokenizer, texts), fts.logits(torch_model, tokenizer, texts),
                        atol=1e-4)
@@ -53,8 +43,8 @@ def test_onnx_logits_equal_torch_fp32_on_short_and_long_reviews(exported):
 
 def test_int8_agrees_with_fp32(exported, imdb_folder):
     texts = list(pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*"))).text) + [LONG]
-    full = fts.softmax(fts.logits(*fts.load_onnx(exported / "onnx", int8=False), texts))[:, 1]
-    small = fts.softmax(fts.logits(*fts.load_onnx(exported / "onnx", int8=True), texts))[:, 1]
+    full = fts.softmax(fts.logits(*pst.load_onnx(exported / "onnx", int8=False), texts))[:, 1]
+    small = fts.softmax(fts.logits(*pst.load_onnx(exported / "onnx", int8=True), texts))[:, 1]
     # 7-bit int8 weights (which cannot saturate) moved this model's probabilities by 0.13-0.18 at most (AVX2, fp32 and
     # bf16 fixtures); 8-bit weights, which saturate on AVX2, by 0.59-0.63
     assert np.abs(full - small).max() <= INT8_PROBABILITY_GAP
@@ -123,7 +113,7 @@ def test_the_readme_deploy_snippet_runs(exported):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     printed, labelled = map(ast.literal_eval, result.stdout.splitlines())
-    model, tokenizer = fts.load_onnx(exported / "onnx", int8=True)
+    model, tokenizer = pst.load_onnx(exported / "onnx", int8=True)
     ours = fts.softmax(fts.logits(model, tokenizer, reviews))[:, 1]
     assert printed == pytest.approx(ours.tolist(), abs=1e-5)  # the same cut; batches padded alike
     assert [label for label, _ in labelled] == [label for label, _ in fts.predict(model, tokenizer, reviews)]

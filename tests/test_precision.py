@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import fine_tune_sentiment as fts
+import predict_sentiment as pst
 from conftest import GPU
 from test_errors import fails_with
 
@@ -16,23 +17,23 @@ BF16_PROBABILITY_GAP = 0.06  # bf16 keeps 8 bits of mantissa; native AMX and AVX
 @pytest.mark.parametrize("speedup, expected", [(0.01, "fp32"), (1.0, "fp32"), (1.29, "fp32"), (1.3, "bf16"),
                                                (4.4, "bf16"), (None, "fp32")])
 def test_auto_on_cpu_follows_the_probe(speedup, expected):
-    assert fts.choose_precision("auto", has_gpu=False, speedup=speedup) == expected
+    assert pst.choose_precision("auto", has_gpu=False, speedup=speedup) == expected
 
 
 def test_auto_on_gpu_and_explicit_choices():
-    assert fts.choose_precision("auto", has_gpu=True, gpu_has_bf16=True) == "bf16"
-    assert fts.choose_precision("auto", has_gpu=True, gpu_has_bf16=False) == "fp16"
-    assert fts.choose_precision("fp32", has_gpu=False, speedup=9.0) == "fp32"
+    assert pst.choose_precision("auto", has_gpu=True, gpu_has_bf16=True) == "bf16"
+    assert pst.choose_precision("auto", has_gpu=True, gpu_has_bf16=False) == "fp16"
+    assert pst.choose_precision("fp32", has_gpu=False, speedup=9.0) == "fp32"
     with pytest.raises(fts.InputError, match="no bf16 support"):
-        fts.choose_precision("bf16", has_gpu=True, gpu_has_bf16=False)
+        pst.choose_precision("bf16", has_gpu=True, gpu_has_bf16=False)
 
 
 def test_explicit_bf16_on_a_slow_cpu_runs_with_a_warning(caplog):
-    assert fts.choose_precision("bf16", has_gpu=False, speedup=0.05) == "bf16"
+    assert pst.choose_precision("bf16", has_gpu=False, speedup=0.05) == "bf16"
     assert "bf16 on this CPU measured 0.05x the speed of fp32" in caplog.text
     caplog.clear()
-    assert fts.choose_precision("bf16", has_gpu=False, speedup=4.4) == "bf16" and not caplog.text
-    assert fts.choose_precision("bf16", has_gpu=False, speedup=1.28) == "bf16" and not caplog.text  # faster all the same
+    assert pst.choose_precision("bf16", has_gpu=False, speedup=4.4) == "bf16" and not caplog.text
+    assert pst.choose_precision("bf16", has_gpu=False, speedup=1.28) == "bf16" and not caplog.text  # faster all the same
 
 
 @pytest.mark.parametrize("flags, expected", [("fpu sse avx avx2 fma", False), ("avx2 avx512f avx512_vnni", False),
@@ -40,14 +41,14 @@ def test_explicit_bf16_on_a_slow_cpu_runs_with_a_warning(caplog):
 def test_cpu_flags_rule_out_fast_bf16_only_on_x86(monkeypatch, tmp_path, flags, expected):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
-    monkeypatch.setattr(fts.platform, "machine", lambda: "x86_64")
-    assert fts.cpu_may_have_fast_bf16(cpuinfo) is expected
-    monkeypatch.setattr(fts.platform, "machine", lambda: "aarch64")
-    assert fts.cpu_may_have_fast_bf16(cpuinfo) is True  # no x86 flags to read: the probe decides
+    monkeypatch.setattr(pst.platform, "machine", lambda: "x86_64")
+    assert pst.cpu_may_have_fast_bf16(cpuinfo) is expected
+    monkeypatch.setattr(pst.platform, "machine", lambda: "aarch64")
+    assert pst.cpu_may_have_fast_bf16(cpuinfo) is True  # no x86 flags to read: the probe decides
 
 
 def test_explicit_bf16_without_the_flags_warns(caplog):
-    assert fts.choose_precision("bf16", has_gpu=False, speedup=None) == "bf16"
+    assert pst.choose_precision("bf16", has_gpu=False, speedup=None) == "bf16"
     assert "has no avx512_bf16 or amx_bf16" in caplog.text
 
 
@@ -65,7 +66,7 @@ def test_probe_is_the_ratio_of_measured_matmul_times(monkeypatch, slow, faster):
         return matmul(a, b)
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", slowed)
-    assert faster(fts.bf16_speedup(64, seconds=0.02))
+    assert faster(pst.bf16_speedup(64, seconds=0.02))
 
 
 @pytest.mark.skipif(GPU, reason="fp16 runs on a GPU")
@@ -102,8 +103,8 @@ def test_bf16_trains_to_the_floor_and_saves_fp32_weights(run_args, imdb_folder):
                                                             (False, None, "fp32")])
 def test_auto_trains_in_what_the_probe_found_and_records_it(run_args, tmp_path, monkeypatch, flags_allow, speedup,
                                                             expected):
-    monkeypatch.setattr(fts, "cpu_may_have_fast_bf16", lambda: flags_allow)
-    monkeypatch.setattr(fts, "bf16_speedup", lambda width: speedup)  # what the probe would have measured
+    monkeypatch.setattr(pst, "cpu_may_have_fast_bf16", lambda: flags_allow)
+    monkeypatch.setattr(pst, "bf16_speedup", lambda width: speedup)  # what the probe would have measured
     out = tmp_path / "auto"
     args = run_args + ["--precision", "auto", "--epochs", "1", "--train-samples", "64", "--output-dir", str(out),
                        "--quiet"]

@@ -1,0 +1,154 @@
+"""The HTTP service and Ray against the file scorer, on real text (loopback only, every load loop bounded).
+
+Uses the model bench/inference.py trains and exports into bench/runs/inference/ (run that first). Then:
+- the file scorer: predict_sentiment.py --predict-file on the 2,000 test sentences, rows/s;
+- the server: predict_sentiment.py --serve on a free 127.0.0.1 port; the time until /health answers; then 1, 8
+  and 32 concurrent clients (asyncio, one process), each posting one sentence per request until the 2,000 are
+  sent (at most 120 s a level): rows/s, p50 and p99 latency;
+- with --ray: the same 20,000 rows as 4 csv files, scored by one process (a folder) and by Ray Data (--ray, a
+  local Ray on this machine's cores), wall time of each command.
+
+    python bench/serve.py --runtime onnx-int8 --repeats 3
+    python bench/serve.py --runtime onnx-int8 --ray
+"""
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import pandas as pd
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.run import ROOT, WORK, cpu_flags  # noqa: E402
+
+CLIENTS = (1, 8, 32)
+LEVEL_SECONDS = 120  # each load level stops after this long, finished or not
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def file_scorer(out, runtime: str, source, target) -> float:
+    """rows/s of --predict-file, as it reports them."""
+    done = subprocess.run([sys.executable, "predict_sentiment.py", "--output-dir", str(out), "--runtime", runtime,
+                           "--predict-file", str(source), "--predictions", str(target), "--quiet"], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    return float(re.search(r"\((\d+) rows/s\)", done.stdout).group(1))
+
+
+async def load(url: str, texts: list[str], clients: int) -> tuple[float, list[float]]:
+    """Send each text once, one per request, from `clients` concurrent clients; return (rows/s, latencies)."""
+    import httpx
+
+    queue, latencies = list(reversed(texts)), []
+    deadline = time.perf_counter() + LEVEL_SECONDS
+
+    async def client(http):
+        while queue and time.perf_counter() < deadline:
+            text, started = queue.pop(), time.perf_counter()
+            answer = await http.post(url + "/predict", json={"texts": [text]})
+            answer.raise_for_status()
+            latencies.append(time.perf_counter() - started)
+
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=clients)) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return len(latencies) / (time.perf_counter() - started), latencies
+
+
+def serve_once(out, runtime: str, texts: list[str]) -> dict:
+    """Start the server, time until /health answers, run every load level, stop it with SIGTERM."""
+    import httpx
+
+    port = free_port()
+    url, started = f"http://127.0.0.1:{port}", time.perf_counter()
+    server = subprocess.Popen([sys.executable, "predict_sentiment.py", "--output-dir", str(out), "--runtime", runtime,
+                               "--serve", "--port", str(port)], cwd=ROOT)
+    try:
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.perf_counter() - started > 60 or server.poll() is not None:
+                    raise SystemExit("the server did not come up")
+                time.sleep(0.02)
+        found = {"ready_s": time.perf_counter() - started}
+        asyncio.run(load(url, texts[:50], 1))  # warm-up
+        for clients in CLIENTS:
+            rate, latencies = asyncio.run(load(url, texts, clients))
+            latencies.sort()
+            found[clients] = {"rows_s": rate, "p50_ms": 1000 * latencies[len(latencies) // 2],
+                              "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)], "sent": len(latencies)}
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    return found
+
+
+def ray_against_one_process(out, runtime: str, test: pd.DataFrame) -> None:
+    """20,000 rows as 4 csv files: one process scoring the folder, then --ray; wall time of each command."""
+    folder = WORK / "serve" / "files"
+    shutil.rmtree(folder.parent, ignore_errors=True)
+    folder.mkdir(parents=True)
+    rows = pd.concat([test] * 10, ignore_index=True)
+    for i in range(4):
+        rows[i * 5000:(i + 1) * 5000].to_csv(folder / f"part-{i}.csv", index=False)
+    times = {}
+    for name, flags in (("one process", ["--predictions", str(folder.parent / "one")]),
+                        ("ray", ["--ray", "--predictions", str(folder.parent / "ray")])):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "predict_sentiment.py", "--output-dir", str(out), "--runtime", runtime,
+                        "--predict-file", str(folder), "--quiet", *flags], cwd=ROOT, check=True)
+        times[name] = time.perf_counter() - started
+    print(f"\n20,000 rows in 4 files, {runtime}: one process {times['one process']:.1f}s "
+          f"({20000 / times['one process']:.0f} rows/s), Ray {times['ray']:.1f}s ({20000 / times['ray']:.0f} rows/s): "
+          f"Ray/one process = {times['one process'] / times['ray']:.2f}x the speed (command wall time, start-up "
+          f"included)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runtime", default="onnx-int8", choices=("torch", "onnx", "onnx-int8"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ray", action="store_true", help="measure Ray against one process instead of the server")
+    args = parser.parse_args()
+    out = WORK / "inference"
+    if not (out / "onnx").exists():
+        raise SystemExit("no model in bench/runs/inference/onnx: run python bench/inference.py first")
+    test = pd.read_parquet(ROOT / "bench/data/rotten-tomatoes/test.parquet")
+    print(f"CPU: {cpu_flags()} | runtime {args.runtime} | {len(test):,} test sentences", flush=True)
+    if args.ray:
+        return ray_against_one_process(out, args.runtime, test)
+    source, target = WORK / "serve-in.csv", WORK / "serve-out.csv"
+    test[["text"]].to_csv(source, index=False)
+    texts = list(test["text"])
+    files, servers = [], []
+    for _ in range(args.repeats):  # alternate, so drift in machine load hits both alike
+        files.append(file_scorer(out, args.runtime, source, target))
+        servers.append(serve_once(out, args.runtime, texts))
+        print(f"  file scorer {files[-1]:.0f} rows/s | server ready in {servers[-1]['ready_s']:.2f}s | " + " | ".join(
+            f"{c} clients {servers[-1][c]['rows_s']:.0f} rows/s, p50 {servers[-1][c]['p50_ms']:.1f} ms, p99 "
+            f"{servers[-1][c]['p99_ms']:.1f} ms" for c in CLIENTS), flush=True)
+    scorer = statistics.median(files)
+    print(f"\nmedians of {args.repeats}: file scorer {scorer:.0f} rows/s; server ready in "
+          f"{statistics.median(s['ready_s'] for s in servers):.2f}s")
+    print("| clients | rows/s | vs file scorer | p50 ms | p99 ms |\n|---|---|---|---|---|")
+    for c in CLIENTS:
+        rate = statistics.median(s[c]["rows_s"] for s in servers)
+        print(f"| {c} | {rate:.0f} | {rate / scorer:.2f}x | {statistics.median(s[c]['p50_ms'] for s in servers):.1f} "
+              f"| {statistics.median(s[c]['p99_ms'] for s in servers):.1f} |")
+
+
+if __name__ == "__main__":
+    main()

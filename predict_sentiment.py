@@ -1,0 +1,880 @@
+"""Put a fine-tuned sentiment model to work: classify reviews, score files and folders, serve HTTP, or score on Ray.
+
+Reads what fine_tune_sentiment.py saved in OUTPUT_DIR: adapter/ (RUNTIME torch), or onnx/ (after --export-onnx;
+RUNTIME onnx or onnx-int8, which need neither torch nor transformers). To deploy, copy this file and OUTPUT_DIR/onnx/.
+
+    python predict_sentiment.py --predict "This movie was fantastic!"          # or '-': one review per stdin line
+    python predict_sentiment.py --predict-file reviews/ --predictions scored/  # a file, a folder or a glob; resumes
+    python predict_sentiment.py --runtime onnx-int8 --serve                    # POST /predict on 127.0.0.1:8000
+    python predict_sentiment.py --runtime onnx-int8 --predict-file 'reviews/*.csv' --ray  # Ray Data (RAY_ADDRESS)
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import itertools
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+# what to load
+OUTPUT_DIR: str = "outputs"  # the training run's folder: adapter/ and onnx/ are read from it
+RUNTIME: str = "torch"  # torch (the adapter), onnx or onnx-int8 (the --export-onnx model: no torch)
+PRECISION: str = "auto"  # torch runtime only: auto (bf16 where measured fast; GPU: bf16, else fp16; else fp32), fp32...
+TEXT_COLUMN: str = "text"  # the column --predict-file and --ray read the reviews from
+BATCH_SIZE: int = 32  # reviews per forward pass, and the server's largest batch
+# serve
+HOST: str = "127.0.0.1"  # the server listens here only; 0.0.0.0 opens it to the network
+PORT: int = 8000  # the server's port
+MAX_WAIT_MS: float = 5.0  # a request waits at most this long for others to join its batch
+MAX_TEXTS: int = 256  # texts one request may send
+MAX_BODY_KB: int = 1024  # the largest request body
+# Ray
+RAY_ACTORS: int = 0  # model copies scoring at once under --ray, a CPU each; 0 = the Ray cluster's CPUs less one
+
+SETTINGS = list(__annotations__)  # the annotated names above are the settings; each one is a flag
+ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}  # the names of an adapter saved without its own
+CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "RUNTIME": ("torch", "onnx", "onnx-int8")}
+POSITIVE = ("BATCH_SIZE", "PORT", "MAX_TEXTS", "MAX_BODY_KB")  # settings that must be above 0
+FAST_BF16 = 1.3  # auto picks bf16 on a CPU only where its matmuls measured at least this much faster than fp32
+PREDICT_FILE_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")  # --predict-file reads these
+PREDICTIONS_FILE_TYPES = (".csv", ".jsonl", ".parquet")  # and writes these
+OUTPUT_TYPE = {".tsv": ".csv", ".txt": ".csv", ".json": ".jsonl"}  # in a folder, files of these types become these
+CHUNK_ROWS = 10_000  # --predict-file reads, scores and writes this many rows at a time
+DELIMITER = {".csv": ",", ".tsv": "\t"}
+DATA_FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+log = logging.getLogger("sentiment")
+
+
+# The modes: what each flag does ----------------------------------------------------------------------------------
+
+
+def run_mode(config: dict, args: argparse.Namespace) -> None:
+    """Run the one mode the flags ask for, on the saved model."""
+    if args.serve:
+        run_serve(config)
+    elif args.ray:
+        run_ray(config, args.predict_file, args.predictions, args.quiet)
+    elif args.predict_file:
+        run_predict_file(config, args.predict_file, args.predictions, args.quiet)
+    else:
+        run_predict(config, args.predict)
+
+
+def run_predict(config: dict, texts: list[str]) -> None:
+    """--predict: classify the given texts (or stdin's lines) and print each with its label and probability."""
+    reviews = read_stdin_reviews() if texts == ["-"] else texts
+    if not reviews:
+        raise InputError("no reviews on stdin; pass one review per line, or the texts after --predict")
+    model, tokenizer, precision = load_for_inference(config)
+    print_predictions(reviews, predict(model, tokenizer, reviews, config["BATCH_SIZE"], precision))
+
+
+def run_predict_file(config: dict, source: str, target: str | None, quiet: bool) -> None:
+    """--predict-file: score a file, or every file of a folder or glob (then --predictions is a folder)."""
+    sources, many = input_files(source)
+    if not many:
+        target = Path(target).expanduser() if target else Path(config["OUTPUT_DIR"]) / "predictions.csv"
+        check_target(sources[0], target)
+        column = check_text_column(sources[0], config["TEXT_COLUMN"])
+        score_file(load_for_inference(config), sources[0], target, column, config["BATCH_SIZE"], quiet)
+        return
+    folder = Path(target).expanduser() if target else Path(config["OUTPUT_DIR"]) / "predictions"
+    if folder.suffix.lower() in PREDICTIONS_FILE_TYPES or (folder.exists() and not folder.is_dir()):
+        raise InputError(f"--predictions {str(folder)!r} must be a folder when --predict-file names several files")
+    pairs = output_files(sources, source, folder)
+    todo = [(s, t) for s, t in pairs if not (t.exists() and t.stat().st_mtime >= s.stat().st_mtime)]
+    if len(todo) < len(pairs):
+        log.info(f"{len(pairs) - len(todo)} of {len(pairs)} files were scored before; scoring the other {len(todo)}")
+    loaded, failed = load_for_inference(config) if todo else None, []
+    for src, dst in todo:
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            score_file(loaded, src, dst, check_text_column(src, config["TEXT_COLUMN"]), config["BATCH_SIZE"], quiet)
+        except InputError as error:  # one bad file: say which, keep going; the finished outputs stay
+            print(f"error: {error}", file=sys.stderr)
+            failed.append(src)
+    if failed:
+        raise InputError(f"{len(failed)} of {len(pairs)} files could not be scored (above); the other outputs are "
+                         f"in {str(folder)!r}, and a rerun scores only what is missing")
+    print(f"Scored {len(pairs)} files into {folder}")
+
+
+def run_serve(config: dict) -> None:
+    """--serve: answer POST /predict over HTTP with batches of concurrent requests; SIGTERM drains, then exits 0."""
+    import signal
+
+    need_package("fastapi", "uvicorn", what="--serve", requirements="requirements-serve.txt")
+    import uvicorn
+
+    started = time.perf_counter()
+    model, tokenizer, precision = load_for_inference(config)
+    app = build_app(lambda texts: logits(model, tokenizer, texts, config["BATCH_SIZE"], precision),
+                    list(model.config.id2label.values()), config)
+    log.warning(f"Serving {config['RUNTIME']} ({precision}) on http://{config['HOST']}:{config['PORT']} "
+                f"(loaded in {time.perf_counter() - started:.1f}s): POST /predict, GET /health, GET /metrics")
+    signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn drains on SIGTERM, then raises it again: end with 0
+    uvicorn.run(app, host=config["HOST"], port=config["PORT"], log_level="warning", timeout_graceful_shutdown=30)
+
+
+def run_ray(config: dict, source: str | None, target: str | None, quiet: bool) -> None:
+    """--ray: score files with Ray Data (read, map_batches over model copies, write parquet); every column kept."""
+    if not source:
+        raise InputError("--ray scores files: pass --predict-file IN (a file, folder or glob) too")
+    if config["RUNTIME"] == "torch":
+        raise InputError("--ray runs the exported model: pass --runtime onnx-int8 or onnx (after --export-onnx)")
+    need_package("ray", what="--ray", requirements="requirements-ray.txt")
+    import ray
+    import ray.data
+
+    sources, _ = input_files(source)
+    folder = Path(target).expanduser() if target else Path(config["OUTPUT_DIR"]) / "predictions-ray"
+    if folder.exists():
+        raise InputError(f"--predictions {str(folder)!r} exists; Ray writes a new folder (name another one)")
+    for src in sources:  # here, in one line each, rather than in a worker's traceback
+        check_text_column(src, config["TEXT_COLUMN"])
+    onnx = Path(config["OUTPUT_DIR"]) / "onnx"
+    load_onnx(onnx, config["RUNTIME"] == "onnx-int8")  # fails here, in one line, if the export is missing
+    weights = "model_int8.onnx" if config["RUNTIME"] == "onnx-int8" else "model.onnx"
+    shipped = {name: (onnx / name).read_bytes() for name in ("config.json", "tokenizer.json", weights)}  # to the
+    # workers with the job: no shared file system needed
+    ray.init(logging_level="ERROR", log_to_driver=False)  # RAY_ADDRESS joins a cluster; unset, a local Ray starts
+    ray.data.DataContext.get_current().enable_progress_bars = not quiet
+    started, tmp = time.perf_counter(), folder.with_name(folder.name + ".tmp")
+    try:
+        data = read_with_ray(sources, config["TEXT_COLUMN"])
+        actors = config["RAY_ACTORS"] or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)  # 1 CPU reads
+        data.map_batches(RayScorer, fn_constructor_args=(shipped, config["TEXT_COLUMN"], config["BATCH_SIZE"]),
+                         batch_format="pandas", batch_size=CHUNK_ROWS // 10, concurrency=actors,
+                         num_cpus=1).write_parquet(str(tmp))
+        os.replace(tmp, folder)  # only a finished run takes the name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        ray.shutdown()
+    print(f"Scored {len(sources)} files on Ray in {time.perf_counter() - started:.1f}s: {folder}")
+
+
+# Loading the model ------------------------------------------------------------------------------------------------
+
+
+def load_for_inference(config: dict):
+    """What every mode starts with: the saved model, its tokenizer, and the precision to run them in."""
+    if config["RUNTIME"] != "torch":  # the exported model: no torch, transformers or peft is imported
+        model, tokenizer = load_onnx(Path(config["OUTPUT_DIR"]) / "onnx", int8=config["RUNTIME"] == "onnx-int8")
+        return model, tokenizer, config["RUNTIME"]
+    model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
+    precision, _ = resolve_precision(config["PRECISION"], model.device.type == "cuda", model.config.hidden_size)
+    return model, tokenizer, precision
+
+
+def load_adapter(adapter_dir: Path):
+    """Load a saved adapter (with its head and tokenizer) for inference."""
+    import torch
+    import transformers
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    if not (adapter_dir / "adapter_config.json").exists():
+        raise InputError(f"no saved adapter in {adapter_dir}; train first (python fine_tune_sentiment.py) "
+                         f"or point --output-dir at a finished run")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    transformers.logging.set_verbosity_error()  # else "head newly initialized": true of the base, not of the adapter
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    names = tokenizer.init_kwargs.get("id2label", ID2LABEL)  # the base's config lacks our label names
+    id2label = {int(i): name for i, name in names.items()}
+    try:
+        model = AutoPeftModelForSequenceClassification.from_pretrained(
+            str(adapter_dir), use_safetensors=True, id2label=id2label, label2id={n: i for i, n in id2label.items()})
+    except OSError as error:  # e.g. the base model is a hub id and the hub is out of reach
+        raise InputError(f"could not load the adapter in {adapter_dir}: {one_line(error)}") from error
+    return model.to(device), tokenizer
+
+
+def load_onnx(folder: Path, int8: bool, threads: int = 0):
+    """An exported model and its tokenizer, without torch or transformers: onnxruntime and tokenizers stand in;
+    threads: the session's (0: one per core)."""
+    from types import SimpleNamespace
+
+    if not (folder / "config.json").exists():
+        raise InputError(f"no exported model in {folder}; run python fine_tune_sentiment.py --export-onnx first")
+    need_package("onnxruntime", "tokenizers")
+    import onnxruntime
+    from tokenizers import Tokenizer
+
+    saved = json.loads((folder / "config.json").read_text())
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(folder / ("model_int8.onnx" if int8 else "model.onnx")), options,
+                                           providers=["CPUExecutionProvider"])
+    model = SimpleNamespace(config=SimpleNamespace(id2label={int(i): n for i, n in saved["id2label"].items()}),
+                            session_forward=lambda batch: session.run(["logits"], batch)[0])
+    tokenizer = SimpleNamespace(backend_tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")),
+                                model_max_length=saved["max_length"], model_input_names=saved["inputs"],
+                                init_kwargs={"review_truncation": saved["truncation"]},
+                                pad_token_id=saved["pad_token_id"])  # what encode() and pad() read
+    return model, tokenizer
+
+
+def need_package(*modules: str, what: str = "the ONNX runtime", requirements: str = "requirements-onnx.txt") -> None:
+    """Fail in one line, with the install command, when an optional package is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"{what} needs {', '.join(missing)}: pip install -r {requirements}")
+
+
+# Scoring: one encode and logits path for every mode, training's evaluation included -------------------------------
+
+
+def predict(model, tokenizer, texts: list[str], batch_size: int = 32, precision: str = "fp32"
+            ) -> list[tuple[str, float]]:
+    """Classify texts: (label, probability) for each, in input order."""
+    probabilities = softmax(logits(model, tokenizer, texts, batch_size, precision))
+    return [(model.config.id2label[int(i)], float(p[i])) for p, i in zip(probabilities, probabilities.argmax(-1))]
+
+
+def logits(model, tokenizer, texts: list[str], batch_size: int = 32, precision: str = "fp32",
+           progress: bool = False) -> np.ndarray:
+    """The model's logits for texts, run longest first in batches (less padding), returned in input order."""
+    forward = model.session_forward if hasattr(model, "session_forward") else torch_forward(model, precision)
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    found = np.zeros((len(texts), len(model.config.id2label)), dtype=np.float32)
+    starts = range(0, len(order), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, unit=" batches")
+    for start in starts:
+        rows = order[start:start + batch_size]
+        found[rows] = forward(pad(encode(tokenizer, [texts[i] for i in rows]), tokenizer.pad_token_id))
+    return found
+
+
+def encode(tokenizer, texts: list[str]) -> dict:
+    """Tokenize once, without padding, and cut reviews longer than model_max_length as TRUNCATION says."""
+    backend = tokenizer.backend_tokenizer  # the tokenizers library itself: the same cut with or without transformers
+    backend.no_truncation()  # a call of the tokenizer may have left its own settings behind
+    backend.no_padding()
+    limit, rows = tokenizer.model_max_length, backend.encode_batch(texts)
+    word, with_specials = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
+    before = with_specials.index(word[0])  # [CLS] and the like
+    after = len(with_specials) - before - len(word)  # [SEP] and the like
+    budget = limit - before - after
+    head = budget // 4 if tokenizer.init_kwargs.get("review_truncation", "head") == "head+tail" else budget
+    tail = budget - head  # Sun et al. 2019: the head and the tail keep IMDB's verdict best
+    fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+    return {key: [ids if len(ids) <= limit else ids[:before + head] + ids[len(ids) - tail - after:]
+                  for ids in (getattr(row, field) for row in rows)]
+            for key, field in fields.items() if key in tokenizer.model_input_names}
+
+
+def pad(encoded: dict, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pad a batch of token lists to its longest row: int64 arrays, ids with pad_id, mask and types with 0."""
+    width = max(map(len, encoded["input_ids"]))
+    return {key: np.array([row + [pad_id if key == "input_ids" else 0] * (width - len(row)) for row in rows],
+                          dtype=np.int64) for key, rows in encoded.items()}
+
+
+def torch_forward(model, precision: str):
+    """A function from a padded batch (numpy) to the logits of a transformers model, in the given precision."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def forward(batch: dict) -> np.ndarray:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return model(**{k: torch.from_numpy(v).to(device) for k, v in batch.items()}).logits.float().cpu().numpy()
+
+    return forward
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """Probabilities from logits, along the last axis."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def print_predictions(texts: list[str], predictions: list[tuple[str, float]]) -> None:
+    """Print each review (shortened to one line) with its predicted label and probability."""
+    for text, (label, score) in zip(texts, predictions):
+        shown = " ".join(text.split())
+        shown = shown if len(shown) <= 100 else shown[:97] + "..."
+        print(f'Review: "{shown}"\nPrediction: {label} ({score:.2f})')
+
+
+# Files and folders ------------------------------------------------------------------------------------------------
+
+
+def score_file(loaded: tuple, source: Path, target: Path, column: str, batch_size: int, quiet: bool) -> None:
+    """Score every row of source into target (every input column kept, plus the prediction), streaming in chunks;
+    target is written under a temporary name and takes its own only when complete."""
+    import pandas as pd
+
+    model, tokenizer, precision = loaded
+    tmp, rows, empty, started = target.with_name(f".{target.name}.tmp"), 0, 0, time.perf_counter()
+    bar = None if quiet else progress_bar(source)
+    try:
+        with open_writer(tmp, target.suffix.lower()) as write:
+            for chunk in read_chunks(source, column):  # a row that cannot be read or written: InputError
+                usable = [isinstance(t, str) and bool(t.strip()) for t in chunk[column]]
+                texts = list(chunk[column][usable])
+                scored = iter(predict(model, tokenizer, texts, batch_size, precision))
+                pairs = [next(scored) if ok else (None, None) for ok in usable]  # typed: a chunk may be all empty
+                try:
+                    write(chunk.assign(
+                        predicted_label=pd.Series([p[0] for p in pairs], dtype="string", index=chunk.index),
+                        predicted_score=pd.Series([p[1] for p in pairs], dtype="float64", index=chunk.index)))
+                except InputError as error:
+                    raise InputError(f"{str(source)!r}, rows {rows + 1}-{rows + len(chunk)}: {error}") from error
+                rows, empty = rows + len(chunk), empty + usable.count(False)
+                if bar is not None:
+                    bar.update(len(chunk))
+        os.replace(tmp, target)  # only a complete file takes the name; an earlier one stays until then
+    finally:
+        tmp.unlink(missing_ok=True)
+        if bar is not None:
+            bar.close()
+    if empty:
+        log.warning(f"warning: {source}: {empty} of {rows} rows have no text; their predicted_label and "
+                    f"predicted_score are empty")
+    seconds = time.perf_counter() - started
+    print(f"Scored {rows} rows in {seconds:.1f}s ({rows / max(seconds, 1e-9):.0f} rows/s): {target}")
+
+
+def progress_bar(source: Path):
+    """A rows progress bar for one file."""
+    from tqdm.auto import tqdm
+
+    return tqdm(unit=" rows", desc=source.name, leave=False)
+
+
+def input_files(source: str) -> tuple[list[Path], bool]:
+    """The files --predict-file names: one file, every data file under a folder, or a glob's; and whether many."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in PREDICT_FILE_TYPES:
+            raise InputError(f"input file {str(path)!r} must end in one of {', '.join(PREDICT_FILE_TYPES)}")
+        return [path], False
+    if path.is_dir():
+        found = [p for p in sorted(path.rglob("*")) if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts)]  # hidden files and folders: not reviews
+    elif glob.has_magic(source):
+        found = [Path(p) for p in sorted(glob.glob(os.path.expanduser(source), recursive=True)) if Path(p).is_file()]
+    else:
+        raise InputError(f"input file {str(path)!r} does not exist")
+    found = [p for p in found if p.suffix.lower() in PREDICT_FILE_TYPES]
+    if not found:
+        raise InputError(f"no {', '.join(PREDICT_FILE_TYPES)} files in {source!r}")
+    return found, True
+
+
+def output_files(sources: list[Path], source: str, folder: Path) -> list[tuple[Path, Path]]:
+    """Pair each input with its output in folder: the same relative path, as csv, jsonl or parquet."""
+    root = Path(source).expanduser() if Path(source).expanduser().is_dir() else Path(os.path.commonpath(
+        [p.parent for p in sources]))
+    if folder.resolve() == root.resolve():
+        raise InputError("--predictions must be a folder other than the input folder")
+    pairs, taken = [], {}
+    for src in sources:
+        if folder.resolve() in src.resolve().parents:  # an earlier run's output inside the input folder
+            continue
+        kind = src.suffix.lower()
+        dst = folder / src.relative_to(root).with_suffix(OUTPUT_TYPE.get(kind, kind))
+        if dst.resolve() in taken:
+            raise InputError(f"{str(taken[dst.resolve()])!r} and {str(src)!r} would both be scored into "
+                             f"{str(dst)!r}; rename one")
+        taken[dst.resolve()] = src
+        pairs.append((src, dst))
+    return pairs
+
+
+def check_target(source: Path, target: Path) -> None:
+    """One file's output: a known type, in an existing folder, not the input."""
+    if target.suffix.lower() not in PREDICTIONS_FILE_TYPES:
+        raise InputError(f"--predictions {str(target)!r} must end in one of {', '.join(PREDICTIONS_FILE_TYPES)}")
+    if not target.parent.is_dir():
+        raise InputError(f"the folder of --predictions {str(target)!r} does not exist")
+    if target.resolve() == source.resolve():
+        raise InputError("--predictions must not be the input file")
+
+
+def check_text_column(source: Path, column: str) -> str:
+    """Fail early, naming the columns there are, when the file's first rows lack the text column or any row."""
+    first = next(read_chunks(source, column, rows=1), None)  # the columns; every row is read when scored
+    if first is None:
+        raise InputError(f"could not read {str(source)!r}: no rows")
+    if column not in first.columns:
+        raise InputError(f"text column {column!r} not found in {str(source)!r}; it has columns: "
+                         f"{', '.join(map(str, first.columns))} (set --text-column)")
+    return column
+
+
+def read_stdin_reviews() -> list[str]:
+    """Read one review per line from stdin; skip blank lines and lines that are not UTF-8 text."""
+    reviews = []
+    for number, raw in enumerate(sys.stdin.buffer.read().split(b"\n"), start=1):
+        try:
+            if b"\0" in raw:
+                raise UnicodeDecodeError("utf-8", raw, 0, 1, "binary data")
+            line = raw.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError:
+            log.warning(f"warning: skipping stdin line {number}: not valid UTF-8 text")
+            continue
+        if line.strip():
+            reviews.append(line)
+    return reviews
+
+
+def read_chunks(path: Path, text_column: str, rows: int | None = None):
+    """Yield a data file as DataFrames of at most `rows` (CHUNK_ROWS) rows, in order, all with the first rows'
+    columns; csv and tsv values stay text as written. A row that cannot be read anywhere in the file, or keys that
+    the first rows lack, end it with an InputError that names the file and the rows read before."""
+    columns, done = None, 0
+    try:
+        for chunk in file_chunks(path, text_column, rows or CHUNK_ROWS):
+            columns = list(chunk.columns) if columns is None else columns
+            extra = [str(c) for c in chunk.columns if c not in columns]
+            if extra:
+                raise InputError(f"{str(path)!r} has columns after row {done} that the first {done} rows lack: "
+                                 f"{', '.join(extra[:5])}; give every row the same keys")
+            yield chunk.reindex(columns=columns)  # a jsonl row may leave a key out: empty there
+            done += len(chunk)
+    except (ValueError, OSError) as error:  # pandas' and pyarrow's parse errors, bad UTF-8, a truncated file
+        raise InputError(f"could not read {str(path)!r} after row {done}: {one_line(error)}") from error
+
+
+def file_chunks(path: Path, text_column: str, rows: int):
+    """The file's rows as DataFrames of at most `rows`, as its type is read."""
+    import pandas as pd
+
+    kind = path.suffix.lower()
+    if kind in (".csv", ".tsv"):
+        yield from pd.read_csv(path, sep=DELIMITER[kind], dtype=str, keep_default_na=False,
+                               chunksize=rows)
+    elif kind == ".jsonl":
+        yield from pd.read_json(path, lines=True, dtype=False, chunksize=rows)
+    elif kind == ".json":  # one JSON array cannot be read in pieces; .jsonl can
+        frame = pd.read_json(path, dtype=False)
+        yield from (frame[start:start + rows] for start in range(0, max(len(frame), 1), rows))
+    elif kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        yield from (batch.to_pandas() for batch in pq.ParquetFile(path).iter_batches(batch_size=rows))
+    else:  # .txt: one review per line
+        with open(path, encoding="utf-8", errors="replace", newline="") as lines:
+            while chunk := [line.rstrip("\r\n") for line in itertools.islice(lines, rows)]:
+                yield pd.DataFrame({text_column: chunk})
+
+
+@contextmanager
+def open_writer(path: Path, kind: str):
+    """Yield write(frame), which appends rows to path as csv, jsonl or parquet (kind); close it at the end."""
+    if kind == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        writer = None
+
+        def write(frame):
+            nonlocal writer
+            try:
+                table = pa.Table.from_pandas(frame, preserve_index=False)
+            except (pa.ArrowInvalid, pa.ArrowTypeError) as error:  # one column holding numbers and text
+                raise InputError(f"{one_line(error)}; write --predictions as .csv or .jsonl") from error
+            if writer is None:  # a column empty in the first rows may hold text later: string, not null
+                writer = pq.ParquetWriter(path, pa.schema(
+                    [f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]))
+            columns = []
+            for field in writer.schema:  # a file's types may change after its first rows (jsonl)
+                try:
+                    columns.append(table.column(field.name).cast(field.type))
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as error:
+                    raise InputError(f"column {field.name!r} was {field.type} in the first rows and is "
+                                     f"{table.column(field.name).type} here ({one_line(error)}); write "
+                                     f"--predictions as .csv or .jsonl") from error
+            writer.write_table(pa.Table.from_arrays(columns, schema=writer.schema))
+
+        try:
+            yield write
+        finally:
+            if writer:
+                writer.close()
+        return
+    with open(path, "w", encoding="utf-8", newline="") as out:
+        def write(frame):
+            if kind == ".csv":
+                frame.to_csv(out, header=out.tell() == 0, index=False)
+            elif len(frame):
+                out.write(frame.to_json(orient="records", lines=True, force_ascii=False).rstrip("\n") + "\n")
+
+        yield write
+
+
+# The HTTP service -------------------------------------------------------------------------------------------------
+
+
+def build_app(score, names: list[str], config: dict):
+    """A FastAPI app: POST /predict batches the texts of concurrent requests (up to BATCH_SIZE, waiting at most
+    MAX_WAIT_MS) and runs score(texts) -> logits in a worker thread, so /health answers during a long batch."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from starlette.exceptions import HTTPException
+
+    queue, model_thread = asyncio.Queue(), ThreadPoolExecutor(1)  # one thread: batches run one after another
+    stats = {"requests": 0, "errors": 0, "rows": 0, "batches": 0, "latency_seconds": 0.0}
+
+    async def batcher() -> None:
+        """Take waiting texts, up to BATCH_SIZE and MAX_WAIT_MS; score them off the event loop; answer each."""
+        loop = asyncio.get_running_loop()
+        while True:
+            items = [await queue.get()]
+            deadline = loop.time() + config["MAX_WAIT_MS"] / 1000
+            while len(items) < config["BATCH_SIZE"] and (queue.qsize() or loop.time() < deadline):
+                try:
+                    items.append(queue.get_nowait() if queue.qsize() else
+                                 await asyncio.wait_for(queue.get(), deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    break
+            live = [(text, answer) for text, answer in items if not answer.done()]  # a client may have gone
+            try:
+                found = await loop.run_in_executor(model_thread, score, [text for text, _ in live])
+            except Exception as error:  # noqa: BLE001  each waiting request answers 500; the server stays up
+                found = [error] * len(live)
+            stats["batches"] += 1
+            for (_, answer), row in zip(live, found):
+                if not answer.done():
+                    answer.set_exception(row) if isinstance(row, Exception) else answer.set_result(row)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.create_task(batcher())
+        yield
+        task.cancel()
+        model_thread.shutdown(wait=False)
+
+    app = FastAPI(title="Sentiment", lifespan=lifespan)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error: HTTPException):  # 404, 405: the same {"error": ...} shape as ours
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, error: Exception):
+        stats["errors"] += 1
+        log.error(f"error: {request.url.path}: {one_line(error)}")
+        return JSONResponse({"error": f"internal error: {one_line(error)}"}, status_code=500)
+
+    async def predict_route(request):  # a plain Starlette route: the request as it came, our own 4xx answers
+        started = time.perf_counter()
+        texts = await read_texts(request, config)
+        if isinstance(texts, JSONResponse):
+            return texts
+        loop = asyncio.get_running_loop()
+        answers = [loop.create_future() for _ in texts]
+        for text, answer in zip(texts, answers):
+            queue.put_nowait((text, answer))
+        found = softmax(np.stack(await asyncio.gather(*answers))) if texts else np.zeros((0, len(names)))
+        stats["requests"], stats["rows"] = stats["requests"] + 1, stats["rows"] + len(texts)
+        stats["latency_seconds"] += time.perf_counter() - started
+        return JSONResponse({"predictions": [{"label": names[int(p.argmax())], "score": float(p.max()),
+                                              "scores": dict(zip(names, map(float, p)))} for p in found]})
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "runtime": config["RUNTIME"], "labels": names}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse("".join(f"sentiment_{key}_total {value}\n" for key, value in stats.items()))
+
+    app.add_route("/predict", predict_route, methods=["POST"])
+    return app
+
+
+async def read_texts(request, config: dict):
+    """The request's texts, or a 4xx JSON answer that says in one line what is wrong with it."""
+    from fastapi.responses import JSONResponse
+
+    def bad(status: int, reason: str) -> JSONResponse:
+        return JSONResponse({"error": reason}, status_code=status)
+
+    limit = config["MAX_BODY_KB"] * 1024
+    if int(request.headers.get("content-length") or 0) > limit:
+        return bad(413, f"the body is over {config['MAX_BODY_KB']} KB; send fewer or shorter texts per request")
+    body = b""
+    async for part in request.stream():  # a body without a length is counted as it comes
+        body += part
+        if len(body) > limit:
+            return bad(413, f"the body is over {config['MAX_BODY_KB']} KB; send fewer or shorter texts per request")
+    try:
+        data = json.loads(body)
+    except ValueError as error:
+        return bad(400, f"the body is not JSON: {one_line(error)}; send {{\"texts\": [\"a review\", ...]}}")
+    texts = data.get("texts") if isinstance(data, dict) else None
+    if texts is None:
+        return bad(422, 'no "texts" in the body; send {"texts": ["a review", ...]}')
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        return bad(422, '"texts" must be a list of strings')
+    if len(texts) > config["MAX_TEXTS"]:
+        return bad(422, f'{len(texts)} texts in one request; send at most {config["MAX_TEXTS"]} (MAX_TEXTS)')
+    empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
+    if empty is not None:
+        return bad(422, f"texts[{empty}] is empty; every text needs some words")
+    return texts
+
+
+# Ray --------------------------------------------------------------------------------------------------------------
+
+
+def read_with_ray(sources: list[Path], column: str):
+    """One Ray Dataset of every input file's rows, each file read by its type."""
+    import ray.data
+
+    parts = []
+    for kind in sorted({p.suffix.lower() for p in sources}):
+        paths = [str(p) for p in sources if p.suffix.lower() == kind]
+        if kind in (".csv", ".tsv"):  # types as pyarrow infers them (the single process keeps csv values as text)
+            import pyarrow.csv as pacsv
+
+            parts.append(ray.data.read_csv(paths, parse_options=pacsv.ParseOptions(delimiter=DELIMITER[kind])))
+        elif kind in (".json", ".jsonl"):
+            parts.append(ray.data.read_json(paths, lines=kind == ".jsonl"))
+        elif kind == ".parquet":
+            parts.append(ray.data.read_parquet(paths))
+        else:
+            parts.append(ray.data.read_text(paths).rename_columns({"text": column}))
+    if len(parts) == 1:
+        return parts[0]
+    same = [part.map_batches(lambda table: table, batch_format="pyarrow", batch_size=None) for part in parts]
+    return same[0].union(*same[1:])  # readers give arrow or pandas blocks, and one batch may not mix them
+
+
+class RayScorer:
+    """One model copy in a Ray actor: rebuilt from the shipped bytes, so no shared file system is needed."""
+
+    def __init__(self, shipped: dict, column: str, batch_size: int):
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix="sentiment-onnx-"))
+        for name, data in shipped.items():
+            (folder / name).write_bytes(data)
+        self.model, self.tokenizer = load_onnx(folder, int8="model_int8.onnx" in shipped, threads=1)  # 1 CPU each
+        self.column, self.batch_size = column, batch_size
+
+    def __call__(self, frame):
+        usable = [isinstance(t, str) and bool(t.strip()) for t in frame[self.column]]
+        scored = iter(predict(self.model, self.tokenizer, list(frame[self.column][usable]), self.batch_size))
+        pairs = [next(scored) if ok else (None, None) for ok in usable]
+        return frame.assign(predicted_label=[p[0] for p in pairs], predicted_score=[p[1] for p in pairs])
+
+
+# The machinery: flags, precision, errors --------------------------------------------------------------------------
+
+
+class InputError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, run the mode they ask for; return the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    add_settings(parser, sys.modules[__name__])
+    add_mode_flags(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.quiet)
+    return exit_code(lambda: check_and_run({name: getattr(args, name) for name in SETTINGS}, args), args.debug)
+
+
+def check_and_run(config: dict, args: argparse.Namespace) -> None:
+    """Refuse flags that do not go together, then run the one mode asked for."""
+    modes = modes_of(args)
+    if len(modes) > 1:
+        raise InputError(f"{' and '.join(modes)} are separate modes; run one at a time")
+    if not modes:
+        raise InputError("pass --predict TEXT, --predict-file IN, --serve or --ray (see --help)")
+    if args.predictions and not args.predict_file:
+        raise InputError("--predictions names the output of --predict-file; pass --predict-file IN too")
+    run_mode(config, args)
+
+
+def modes_of(args: argparse.Namespace) -> list[str]:
+    """The mode flags given (--ray takes --predict-file as its input, so that pair is one mode)."""
+    return [flag for flag, on in (("--predict", args.predict), ("--predict-file", args.predict_file and not args.ray),
+                                  ("--serve", args.serve), ("--ray", args.ray)) if on]
+
+
+def exit_code(run, debug: bool, report: bool = True) -> int:
+    """Call run(): 0 when it returns, 130 on Ctrl-C, 2 on an InputError, printed as one line (where report)."""
+    try:
+        run()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except InputError as error:
+        if debug:
+            raise
+        if report:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_mode_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that pick a mode; fine_tune_sentiment.py takes them too and hands them to run_mode."""
+    parser.add_argument("--predict", nargs="+", metavar="TEXT", help="classify TEXT with the saved model; '-' reads "
+                        "one review per line from stdin")
+    parser.add_argument("--predict-file", metavar="IN", help="score every row of IN (.csv .tsv .jsonl .json .parquet "
+                        ".txt), or of every such file in a folder or glob; the text is in TEXT_COLUMN")
+    parser.add_argument("--predictions", metavar="OUT", help="where --predict-file writes: a .csv .jsonl .parquet file "
+                        "(default OUTPUT_DIR/predictions.csv) or, for a folder or glob, a folder (default "
+                        "OUTPUT_DIR/predictions/); every input row and column, plus the prediction")
+    parser.add_argument("--serve", action="store_true", help="serve POST /predict, GET /health and GET /metrics on "
+                        "HOST:PORT (needs requirements-serve.txt)")
+    parser.add_argument("--ray", action="store_true", help="score --predict-file's files with Ray Data into a "
+                        "parquet folder (needs requirements-ray.txt and an onnx runtime)")
+    parser.add_argument("--quiet", action="store_true", help="print only the results")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+
+
+def add_settings(parser: argparse.ArgumentParser, module, skip: tuple = ()) -> None:
+    """One flag per setting of module's constants block, its help taken from the trailing comment."""
+    comments = dict(re.findall(r"^([A-Z_]+):.*?#\s*(.+)$", Path(module.__file__).read_text(), re.M))
+    for name in module.SETTINGS:
+        if name in skip:
+            continue
+        kind, default = str(module.__annotations__[name]), getattr(module, name)  # the annotation is text
+        flag = "--" + name.lower().replace("_", "-")
+        helptext = f"{comments.get(name, '')} (default: {default!r})".replace("%", "%%")
+        if kind == "bool":
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+        elif kind.startswith("list"):
+            parser.add_argument(flag, dest=name, nargs="+", default=default, metavar="TEXT", help=helptext)
+        else:
+            parser.add_argument(flag, dest=name, default=default, help=helptext,
+                                type=value_parser(name, kind, module.CHOICES, module.POSITIVE))
+
+
+def value_parser(name: str, kind: str, choices: dict, positive: tuple) -> callable:
+    """An argparse type that checks a flag value against the setting's type and range."""
+    base = int if "int" in kind else float if "float" in kind else str
+
+    def parse(text: str):
+        if "None" in kind and text.lower() in ("none", "auto"):
+            return None
+        if name in choices:
+            if text.lower() not in choices[name]:
+                raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices[name])}, got {text!r}")
+            return text.lower()
+        try:
+            value = base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
+        if base is not str and (value < 0 or not np.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
+        if name in positive and value == 0:
+            raise argparse.ArgumentTypeError("must be greater than 0")
+        if name.endswith(("WARMUP", "DROPOUT", "VALIDATION")) and value >= 1:  # fractions
+            raise argparse.ArgumentTypeError(f"must be below 1, got {text!r}")
+        return value
+
+    parse.__name__ = base.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def setup_logging(quiet: bool) -> None:
+    """Our messages go to stderr plainly."""
+    logging.basicConfig(format="%(message)s", stream=sys.stderr, force=True)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # avoids the fork warning from the tokenizers crate
+
+
+def cpu_may_have_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """False on an x86 Linux CPU whose flags lack avx512_bf16 and amx_bf16 (bf16 is emulated there, many times
+    slower, and its first use alone takes seconds); True where that is not ruled out, so the probe decides."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not cpuinfo.exists():
+        return True
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                  if line.startswith("flags")), None)
+    return flags is None or bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def bf16_speedup(width: int, seconds: float = 0.2) -> float:
+    """Time width-wide matmuls on this CPU in fp32 and in bf16; return how many times faster bf16 ran."""
+    import torch
+
+    width = max(width, 256)  # at a tiny test model's width the timing would be all overhead
+    x, w = torch.randn(128, width), torch.randn(width, width)
+
+    def seconds_per_call(dtype) -> float:
+        a, b = x.to(dtype), w.to(dtype)
+        a @ b  # warm-up: the first bf16 call picks and builds its kernel
+        calls, start = 0, time.perf_counter()
+        while calls == 0 or time.perf_counter() - start < seconds:  # without fast bf16 one call can take 0.1 s
+            a @ b
+            calls += 1
+        return (time.perf_counter() - start) / calls
+
+    return seconds_per_call(torch.float32) / seconds_per_call(torch.bfloat16)
+
+
+def choose_precision(requested: str, has_gpu: bool, gpu_has_bf16: bool = False, speedup: float | None = None) -> str:
+    """Resolve PRECISION for this hardware: on a CPU, auto takes bf16 only where the probe measured it fast."""
+    if has_gpu:
+        if requested == "bf16" and not gpu_has_bf16:
+            raise InputError("this GPU has no bf16 support; use --precision fp16, fp32 or auto")
+        return ("bf16" if gpu_has_bf16 else "fp16") if requested == "auto" else requested
+    if requested == "fp16":
+        raise InputError("fp16 needs a GPU (CPU autocast runs bf16 only); use --precision bf16, fp32 or auto")
+    fast = speedup is not None and speedup >= FAST_BF16
+    if requested == "bf16" and (speedup is None or speedup < 1):  # slower than fp32, not just short of FAST_BF16
+        found = f"measured {speedup:.2f}x the speed of fp32" if speedup else "has no avx512_bf16 or amx_bf16"
+        log.warning(f"warning: bf16 on this CPU {found}; it will be slow (--precision auto picks the faster one)")
+    return "bf16" if requested == "bf16" or (requested == "auto" and fast) else "fp32"
+
+
+def resolve_precision(requested: str, has_gpu: bool, width: int, share=lambda measure: measure()
+                      ) -> tuple[str, float | None]:
+    """Measure what the hardware needs measured, then choose; return (precision, measured bf16 speedup or None).
+    share(measure) gives every process one answer under torchrun: training measures on the main one only."""
+    import torch
+
+    speedup, note = None, ""
+    if has_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
+        precision = choose_precision(requested, True, torch.cuda.is_bf16_supported())
+    else:
+        if requested in ("auto", "bf16") and not cpu_may_have_fast_bf16():
+            note = "; no avx512_bf16 or amx_bf16 in this CPU's flags, so bf16 was not timed"
+        elif requested in ("auto", "bf16"):
+            speedup = share(lambda: bf16_speedup(width))
+            note = f"; bf16 matmuls ran {speedup:.2f}x as fast as fp32 on this CPU"
+        precision = choose_precision(requested, False, speedup=speedup)
+    log.info(f"Precision: {precision} ({requested}{note})")
+    return precision, speedup
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an exception message."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

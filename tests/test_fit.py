@@ -1,0 +1,135 @@
+"""Fitting the user's data: class weights for skewed classes, calibrated probabilities, and --search (Optuna)."""
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fine_tune_sentiment as fts
+import predict_sentiment as pst
+from conftest import make_reviews, precision_flags, sorted_by_label
+from test_errors import fails_with
+
+ROOT = Path(fts.__file__).parent
+
+
+def test_balanced_weights_change_the_loss_by_the_hand_computed_factor():
+    labels = [0, 0, 0, 1]  # 3 negatives, 1 positive
+    weights = fts.class_weights(labels, 2)
+    assert weights == pytest.approx([4 / (2 * 3), 4 / (2 * 1)])  # rows / (classes x the class's rows)
+    logits = torch.tensor([[2.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    each = torch.nn.functional.cross_entropy(logits, torch.tensor(labels), reduction="none")
+    plain = each.mean()
+    weighted = fts.weighted_loss(weights)({"logits": logits}, torch.tensor(labels))
+    by_hand = sum(weights[y] * loss for y, loss in zip(labels, each.tolist())) / sum(weights[y] for y in labels)
+    assert weighted.item() == pytest.approx(by_hand) and weighted.item() / plain.item() == pytest.approx(
+        by_hand / plain.item())
+    assert abs(weighted.item() - plain.item()) > 0.05  # the positive row's loss now counts 3 times a negative's
+    assert fts.class_weights([0, 1, 2, 2], 3) == pytest.approx([4 / 3, 4 / 3, 2 / 3])
+
+
+def test_balanced_training_uses_the_weights_and_records_them(run_args, tmp_path, monkeypatch):
+    folder = tmp_path / "skewed"
+    folder.mkdir()
+    rows = make_reviews(400, seed=41)
+    skewed = [r for r in rows if r[1] == 1] + [r for r in rows if r[1] == 0][:22]  # 200 positive, 22 negative
+    sorted_by_label(skewed).to_parquet(folder / "train.parquet")
+    sorted_by_label(make_reviews(100, seed=42)).to_parquet(folder / "test.parquet")
+    calls = []
+    real = fts.weighted_loss
+
+    def counted(weights):
+        loss = real(weights)
+        return lambda *a, **k: calls.append(1) or loss(*a, **k)
+
+    monkeypatch.setattr(fts, "weighted_loss", counted)
+    out = tmp_path / "out"
+    assert fts.main(run_args + ["--dataset-name", str(folder), "--output-dir", str(out), "--class-weights",
+                                "balanced", "--epochs", "2", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["class_weights"] == pytest.approx({"NEGATIVE": 222 / (2 * 22), "POSITIVE": 222 / (2 * 200)},
+                                                     abs=1e-6)
+    assert calls and set(metrics["per_class_recall"]) == {"NEGATIVE", "POSITIVE"}
+    assert metrics["calibration"].startswith("skipped: no validation split")  # run_args: VALIDATION=0
+
+
+def test_temperature_recovers_a_known_scale_and_ece_sees_overconfidence():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, size=(20000, 3))
+    p = pst.softmax(logits)
+    labels = np.array([rng.choice(3, p=row) for row in p])  # drawn from the probabilities: calibrated at T = 1
+    assert fts.fit_temperature(logits, labels) == pytest.approx(1.0, rel=0.05)
+    assert fts.fit_temperature(logits * 3, labels) == pytest.approx(3.0, rel=0.05)  # over-confident by 3x
+    assert fts.ece(logits, labels) < 0.02 < 0.1 < fts.ece(logits * 3, labels)
+
+
+def test_calibration_is_fitted_on_validation_and_saved_in_the_head(trained, imdb_folder, tmp_path):
+    found = trained["metrics"]["calibration"]
+    assert found["validation_nll_after"] <= found["validation_nll_before"]
+    assert found["bins"] == 15 and {"test_ece_before", "test_ece_after", "test_nll_before", "test_nll_after"} <= set(found)
+    assert trained["metrics"]["eval_loss"] == pytest.approx(found["test_nll_after"], abs=2e-4)
+    # the saved adapter gives the calibrated probabilities: --eval-only on the same 200 test rows
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(trained["out"] / "adapter", out / "adapter")
+    assert fts.main(["--output-dir", str(out), "--dataset-name", imdb_folder, "--eval-only", "--quiet",
+                     *precision_flags()]) == 0
+    again = json.loads((out / "eval_metrics.json").read_text())["eval_loss"]
+    gap = abs(found["test_nll_after"] - found["test_nll_before"])
+    assert abs(again - found["test_nll_after"]) < max(gap / 4, 2e-3) < gap  # nearer the calibrated loss
+
+
+def test_calibrate_off(run_args, tmp_path):
+    out = tmp_path / "out"
+    assert fts.main(run_args + ["--output-dir", str(out), "--validation", "0.2", "--no-calibrate", "--quiet"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["calibration"] == "off"
+
+
+def test_search_errors(run_args, tmp_path, capsys, monkeypatch):
+    message = fails_with(run_args + ["--search", "3"], capsys)  # run_args has VALIDATION=0
+    assert message == "error: --search scores each trial on the validation split; set VALIDATION above 0"
+    assert "separate modes" in fails_with(run_args + ["--search", "3", "--eval-only"], capsys)
+
+
+def test_a_search_resumes_after_sigterm_and_trains_the_winner(run_args, tmp_path):
+    pytest.importorskip("optuna")
+    import optuna
+
+    out = tmp_path / "out"
+    command = [sys.executable, "fine_tune_sentiment.py", *run_args, "--output-dir", str(out), "--validation", "0.2",
+               "--search", "3", "--quiet"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:  # stop it once one trial is finished
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'search.db'}")
+        except Exception:  # noqa: BLE001  not created yet
+            continue
+        if study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
+            process.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert not (out / "adapter").exists()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "Resuming the search" in result.stderr
+    search = json.loads((out / "search.json").read_text())
+    finished = [t for t in search["trials"] if t["state"] in ("COMPLETE", "PRUNED")]
+    assert len(finished) == 3 and any(t["state"] == "FAIL" for t in search["trials"])  # the interrupted one
+    best = max((t for t in finished if t["state"] == "COMPLETE"), key=lambda t: t["validation_accuracy"])
+    assert search["best"] == best["settings"] and search["best_validation_accuracy"] == best["validation_accuracy"]
+    assert all(t["seconds"] > 0 for t in finished)
+    config = json.loads((out / "metrics.json").read_text())["config"]
+    assert {k: config[k] for k in search["best"]} == search["best"]  # the winner was trained and tested
+    assert f"Reproduce it with: {search['command']}" in result.stdout and "--search" not in search["command"]
+    assert math.isfinite(json.loads((out / "metrics.json").read_text())["eval_accuracy"])

@@ -1,0 +1,160 @@
+"""Scoring folders of files: one output per input, resumed by a rerun; the same on a local Ray; the file split."""
+
+import ast
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import predict_sentiment as pst
+from conftest import make_reviews
+from test_errors import fails_with
+
+ROOT = Path(pst.__file__).parent
+
+
+def reviews_folder(folder: Path) -> dict[str, pd.DataFrame]:
+    """A folder of review files of four types (one in a subfolder), plus files that are not reviews."""
+    texts = [t for t, _ in make_reviews(40, seed=31)]
+    frames = {"a.csv": pd.DataFrame({"id": [f"a{i:03d}" for i in range(12)], "text": texts[:12], "stars": range(12)}),
+              "sub/b.jsonl": pd.DataFrame({"id": [f"b{i:03d}" for i in range(10)], "text": texts[12:22]}),
+              "c.txt": pd.DataFrame({"text": texts[22:30]}),
+              "d.parquet": pd.DataFrame({"id": [f"d{i}" for i in range(10)], "text": texts[30:], "n": range(10)})}
+    (folder / "sub").mkdir(parents=True)
+    frames["a.csv"].to_csv(folder / "a.csv", index=False)
+    frames["sub/b.jsonl"].to_json(folder / "sub" / "b.jsonl", orient="records", lines=True)
+    (folder / "c.txt").write_text("\n".join(frames["c.txt"].text) + "\n")
+    frames["d.parquet"].to_parquet(folder / "d.parquet", index=False)
+    (folder / "notes.xml").write_text("<not a review/>")
+    (folder / ".hidden.csv").write_text("text\nskipped\n")
+    return frames
+
+
+READ = {".csv": lambda p: pd.read_csv(p, dtype={"id": str}), ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
+        ".parquet": pd.read_parquet}
+OUTPUT = {"a.csv": "a.csv", "sub/b.jsonl": "sub/b.jsonl", "c.txt": "c.csv", "d.parquet": "d.parquet"}
+
+
+def test_a_folder_gets_one_output_per_file_every_column_kept_and_a_rerun_resumes(exported, tmp_path, capsys):
+    frames = reviews_folder(tmp_path / "in")
+    base = ["--output-dir", str(exported), "--runtime", "onnx-int8", "--predict-file", str(tmp_path / "in"),
+            "--predictions", str(tmp_path / "out")]
+    assert pst.main(base) == 0
+    written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert written == sorted(OUTPUT.values())
+    for name, frame in frames.items():
+        result = READ[Path(OUTPUT[name]).suffix](tmp_path / "out" / OUTPUT[name])
+        assert list(result.columns) == list(frame.columns) + ["predicted_label", "predicted_score"], name
+        assert result[frame.columns].astype(str).values.tolist() == frame.astype(str).values.tolist(), name
+        alone = tmp_path / f"alone{Path(OUTPUT[name]).suffix}"  # the same file scored on its own
+        assert pst.main(["--output-dir", str(exported), "--runtime", "onnx-int8", "--predict-file",
+                         str(tmp_path / "in" / name), "--predictions", str(alone), "--quiet"]) == 0
+        assert result["predicted_score"].tolist() == READ[alone.suffix](alone)["predicted_score"].tolist(), name
+    capsys.readouterr()
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")}
+    assert pst.main(base) == 0  # the rerun finds every output newer than its input: nothing to do
+    assert "4 of 4 files were scored before" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*")} == stamps
+    time.sleep(0.01)
+    (tmp_path / "in" / "a.csv").touch()  # an input changed since: scored again, alone
+    assert pst.main(base) == 0
+    assert "3 of 4 files were scored before; scoring the other 1" in capsys.readouterr().err
+    changed = [p.name for p in stamps if p.stat().st_mtime_ns != stamps[p]]
+    assert changed == ["a.csv"]
+
+
+def test_a_bad_file_is_named_and_the_others_are_scored(exported, tmp_path, capsys):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    out.mkdir()
+    (out / "two.jsonl").write_text("an earlier run's output\n")  # of an older two.jsonl
+    time.sleep(0.01)
+    folder.mkdir()
+    for name in ("one.csv", "three.csv"):
+        pd.DataFrame({"text": ["great film", "awful film"]}).to_csv(folder / name, index=False)
+    (folder / "two.jsonl").write_text('{"text": "great"}\n{"text": "awf\n')  # changed since, and broken
+    args = ["--output-dir", str(exported), "--runtime", "onnx", "--predict-file", str(folder), "--predictions", str(out)]
+    assert pst.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any(line.startswith("error: could not read ") and "two.jsonl' after row 0" in line for line in err), err
+    assert err[-1].startswith("error: 1 of 3 files could not be scored") and "a rerun scores only" in err[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["one.csv", "three.csv", "two.jsonl"]  # no temporary files
+    assert (out / "two.jsonl").read_text() == "an earlier run's output\n"
+    (folder / "two.jsonl").write_text('{"text": "great"}\n{"text": "awful"}\n')  # fixed: the rerun scores it alone
+    assert pst.main(args) == 0
+    assert "2 of 3 files were scored before; scoring the other 1" in capsys.readouterr().err
+    assert list(READ[".jsonl"](out / "two.jsonl")["predicted_label"]) == ["POSITIVE", "NEGATIVE"]
+
+
+def test_a_glob_and_the_folder_errors(exported, tmp_path, capsys):
+    reviews_folder(tmp_path / "in")
+    base = ["--output-dir", str(exported), "--runtime", "onnx", "--predict-file"]
+    assert pst.main(base + [str(tmp_path / "in" / "*.csv"), "--predictions", str(tmp_path / "out"), "--quiet"]) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.csv"]
+    (tmp_path / "in" / "a.txt").write_text("great\n")
+    message = fails_with(base + [str(tmp_path / "in"), "--predictions", str(tmp_path / "o2")], capsys)
+    assert "would both be scored into" in message and "a.txt" in message
+    message = fails_with(base + [str(tmp_path / "in"), "--predictions", str(tmp_path / "out.csv")], capsys)
+    assert "must be a folder when --predict-file names several files" in message
+    message = fails_with(base + [str(tmp_path / "in"), "--predictions", str(tmp_path / "in")], capsys)
+    assert "a folder other than the input folder" in message
+    assert "no .csv, .tsv" in fails_with(base + [str(tmp_path / "in" / "*.xlsx")], capsys)
+
+
+def test_inference_never_imports_the_training_script_or_torch(exported, tmp_path):
+    tree = ast.parse((ROOT / "predict_sentiment.py").read_text())
+    imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "fine_tune_sentiment" not in imported
+    reviews_folder(tmp_path / "in")
+    code = ("import sys, predict_sentiment as p; code = p.main(sys.argv[1:]); "
+            "p.build_app(len, ['NEGATIVE', 'POSITIVE'], {}); "  # the server's stack as well
+            "print([m for m in ('torch', 'transformers', 'peft', 'fine_tune_sentiment') if m in sys.modules]); "
+            "sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code, "--output-dir", str(exported), "--runtime", "onnx-int8",
+                             "--predict-file", str(tmp_path / "in"), "--predictions", str(tmp_path / "out"), "--quiet"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_ray_scores_every_row_once_as_one_process_does(exported, tmp_path):
+    pytest.importorskip("ray")
+    rows = [t for t, _ in make_reviews(182, seed=32)]
+    frames = [pd.DataFrame({"id": [f"{name}{i:03d}" for i in range(n)], "text": rows[start:start + n], "stars": range(n)})
+              for name, start, n in (("a", 0, 12), ("b", 12, 150), ("c", 162, 20))]
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    frames[0].to_csv(tmp_path / "in" / "a.csv", index=False)
+    frames[1].to_csv(tmp_path / "in" / "sub" / "b.csv", index=False)
+    frames[2].to_json(tmp_path / "in" / "c.jsonl", orient="records", lines=True)
+    (tmp_path / "in" / "notes.xml").write_text("<not a review/>")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    result = subprocess.run([sys.executable, "predict_sentiment.py", "--output-dir", str(exported), "--runtime", "onnx",
+                             "--predict-file", str(tmp_path / "in"), "--ray", "--predictions",
+                             str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    scored = pd.read_parquet(tmp_path / "out")
+    expected = pd.concat(frames)
+    assert sorted(scored["id"]) == sorted(expected["id"])  # every row, once
+    assert {"id", "text", "stars", "predicted_label", "predicted_score"} <= set(scored.columns)
+    scored = scored.set_index("id").loc[list(expected["id"])]
+    assert list(scored["text"]) == list(expected["text"])
+    one = pst.predict(*pst.load_onnx(exported / "onnx", int8=False), list(expected["text"]))
+    assert list(scored["predicted_label"]) == [label for label, _ in one]
+    assert scored["predicted_score"].tolist() == pytest.approx([score for _, score in one], abs=1e-5)
+
+
+def test_ray_errors(exported, tmp_path, capsys):
+    reviews_folder(tmp_path / "in")
+    base = ["--output-dir", str(exported), "--ray"]
+    assert "pass --predict-file IN" in fails_with(base + ["--runtime", "onnx"], capsys)
+    message = fails_with(base + ["--predict-file", str(tmp_path / "in")], capsys)
+    assert "--ray runs the exported model: pass --runtime onnx-int8" in message
+    (tmp_path / "out").mkdir()
+    message = fails_with(base + ["--runtime", "onnx", "--predict-file", str(tmp_path / "in"), "--predictions",
+                                 str(tmp_path / "out")], capsys)
+    assert "exists; Ray writes a new folder" in message
