@@ -580,36 +580,42 @@ def weighted_loss(weights: list[float]):
 
 
 def evaluate(trainer, data: DatasetDict, calibrated: bool) -> dict:
-    """Score the test split once: loss, accuracy, F1, precision, recall, confusion matrix; with CALIBRATE, after
-    fitting the temperature on validation and folding it into the head, as the model is then saved."""
-    test = trainer.predict(data["test"].sort("length"), metric_key_prefix="eval")  # sorted by length: less padding
+    """Score the test split once: loss, accuracy, F1, precision, recall, confusion matrix; with CALIBRATE, after the
+    temperature was fitted on validation and folded into the head, so test sees the model as it is saved."""
     model = trainer.model  # the peft model (trainer.model_wrapped is the DDP one)
-    temperature, calibration = calibrate(model, trainer, data, test) if calibrated else (1.0, "off")
+    temperature, held = calibrate(model, trainer, data) if calibrated else (1.0, "off")
+    test = trainer.predict(data["test"].sort("length"), metric_key_prefix="eval")  # sorted by length: less padding
     speed = {k: round(v, 4) for k, v in test.metrics.items() if k.endswith(("_runtime", "_per_second"))}
-    return metrics_from(test.predictions / temperature, test.label_ids, list(model.config.id2label.values())) | speed \
-        | {"calibration": calibration}
+    return metrics_from(test.predictions, test.label_ids, list(model.config.id2label.values())) | speed | {
+        "calibration": held if isinstance(held, str) else calibration_report(held, test, temperature)}
 
 
-def calibrate(model, trainer, data: DatasetDict, test) -> tuple[float, dict | str]:
+def calibrate(model, trainer, data: DatasetDict):
     """Temperature scaling (Guo et al. 2017): find the T that minimises the validation split's NLL and fold 1/T into
-    the classifier (argmax unchanged), so every way of loading the model gives calibrated probabilities."""
+    the classifier (argmax unchanged), so every way of loading the model gives calibrated probabilities; return T
+    and the validation predictions (made before)."""
     if "validation" not in data:
         log.info("Calibration skipped: no validation split (one epoch, or VALIDATION=0)")
         return 1.0, "skipped: no validation split (one epoch, or VALIDATION=0)"
     held = trainer.predict(data["validation"].sort("length"), metric_key_prefix="validation")
-    t = fit_temperature(held.predictions, held.label_ids)
-    scale_classifier(model, 1 / t)
-    found = {"temperature": round(t, 4), "bins": 15,
+    temperature = fit_temperature(held.predictions, held.label_ids)
+    scale_classifier(model, 1 / temperature)
+    return temperature, held
+
+
+def calibration_report(held, test, t: float) -> dict:
+    """The temperature, and NLL (validation, test) and ECE (test) before and after it; test was scored after."""
+    found = {"temperature": t, "bins": 15,
              "validation_nll_before": cross_entropy(held.predictions, held.label_ids),
              "validation_nll_after": cross_entropy(held.predictions / t, held.label_ids),
-             "test_ece_before": ece(test.predictions, test.label_ids), "test_ece_after": ece(test.predictions / t,
-                                                                                           test.label_ids),
-             "test_nll_before": cross_entropy(test.predictions, test.label_ids),
-             "test_nll_after": cross_entropy(test.predictions / t, test.label_ids)}
+             "test_ece_before": ece(test.predictions * t, test.label_ids), "test_ece_after": ece(test.predictions,
+                                                                                                 test.label_ids),
+             "test_nll_before": cross_entropy(test.predictions * t, test.label_ids),
+             "test_nll_after": cross_entropy(test.predictions, test.label_ids)}
     log.info(f"Calibrated on {len(held.label_ids)} validation rows: temperature {t:.3f}; test ECE "
              f"{found['test_ece_before']:.4f} -> {found['test_ece_after']:.4f}, NLL {found['test_nll_before']:.4f} -> "
              f"{found['test_nll_after']:.4f}")
-    return t, {k: round(v, 4) for k, v in found.items()}
+    return {k: round(v, 4) for k, v in found.items()}
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -897,10 +903,10 @@ def run_search(config: dict, args: argparse.Namespace, trials: int) -> dict:
         raise InputError(f"every one of the {trials} trials collapsed to one class or failed; see "
                          f"{output_dir / 'search.db'} (remove it to start over)")
     best = trial_settings(study.best_trial)
+    shown = best | {"TARGET_MODULES": best["TARGET_MODULES"] or DEFAULT_TARGETS.get(model.config.model_type)}
     command = "python fine_tune_sentiment.py " + " ".join(
         [shlex.quote(a) for a in drop_flag(args.argv, "--search")] + [
-            f"--{k.lower().replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in best.items()
-            if not (k == "TARGET_MODULES" and v is None)])
+            f"--{k.lower().replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in shown.items()])
     write_search(output_dir / "search.json", study, trials, best, command)
     print(f"Best of {trials} trials (validation accuracy {study.best_value:.4f}): {json.dumps(best)}\n"
           f"Reproduce it with: {command}")

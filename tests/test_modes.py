@@ -191,7 +191,8 @@ def test_the_best_epoch_is_picked_on_validation_and_test_is_evaluated_once(run_a
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["selected_on"] == "validation" and metrics["validation_samples"] == 120
     assert metrics["train_samples"] == 480 and metrics["eval_samples"] == 200
-    assert sizes == [120, 120, 120, 200]  # each epoch on the 120 validation rows; the 200 test rows once, last
+    # each epoch on the 120 validation rows, once more for the temperature; the 200 test rows once, last
+    assert sizes == [120, 120, 120, 120, 200]
     accuracies = metrics["accuracy_per_epoch"]
     assert len(accuracies) == 3 and metrics["best_epoch"] == accuracies.index(max(accuracies)) + 1
 
