@@ -60,9 +60,9 @@ def test_probe_is_the_ratio_of_measured_matmul_times(monkeypatch, slow, faster):
 
     matmul = torch.Tensor.__matmul__
 
-    def slowed(a, b):  # one dtype made 30 ms slower a call (emulated bf16 takes ~2 ms): the probe must see it
-        if str(a.dtype) == f"torch.{slow}":
-            time.sleep(0.03)
+    def slowed(a, b):  # one dtype made 200 ms slower a call: the probe must see it. Emulated bf16 takes ~2 ms
+        if str(a.dtype) == f"torch.{slow}":  # idle and measured 1.31x of 30 ms under 3 jobs' load, so 30 ms was
+            time.sleep(0.2)  # too little to stay above 2x
         return matmul(a, b)
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", slowed)
