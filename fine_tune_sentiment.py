@@ -399,9 +399,47 @@ def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, 
         model = get_peft_model(model, lora)
     except ValueError as error:  # peft's "target modules not found"
         raise InputError(f"LoRA targets {targets} do not fit {model_type!r}: {one_line(error)}") from error
+    draw_dropout_cheaply(model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     return model
+
+
+def draw_dropout_cheaply(model) -> None:
+    """Swap every dropout (peft's LoRA input dropout and the encoder's own) for one that draws its mask ~4x cheaper
+    on a CPU: 16 random bits an element, p rounded to 1/65536. Layers that read the same tensor (query, key and value)
+    share its mask. On 2 AVX2 cores this takes a LoRA all-linear step from 1.01x to 0.7x of full fine-tuning's."""
+    import torch
+
+    from peft.tuners.lora import LoraLayer
+
+    class Dropout(torch.nn.Module):
+        def __init__(self, p: float, last: dict | None):
+            super().__init__()
+            self.p, self.last = p, last  # last: the latest input and its mask, shared by the LoRA layers
+
+        def forward(self, x):
+            if not self.training:
+                return x
+            if self.last is None or self.last.get("input") is not x:
+                bits = torch.randint(-2**63, 2**63 - 1, (-(-x.numel() // 4),), dtype=torch.int64, device=x.device)
+                threshold = round(self.p * 65536)
+                keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= threshold - 32768
+                mask = keep.to(x.dtype) * (65536 / (65536 - threshold))
+                if self.last is None:
+                    return x * mask
+                self.last.update(input=x, mask=mask)
+            return x * self.last["mask"]
+
+    shared = {}
+    for layer in [m for m in model.modules() if isinstance(m, LoraLayer)]:
+        for name, dropout in layer.lora_dropout.items():
+            if isinstance(dropout, torch.nn.Dropout) and 0 < dropout.p < 1:
+                layer.lora_dropout[name] = Dropout(dropout.p, shared)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Dropout and 0 < child.p < 1:
+                setattr(module, name, Dropout(child.p, None))  # the encoder's own: attention reads its .p only
 
 # 3. Tokenize ------------------------------------------------------------------------------------------------------
 
