@@ -18,6 +18,7 @@ head and tail. predict_sentiment.py puts the saved model to work (predict, score
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import sys
 import shlex
 import time
 import warnings
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -399,19 +401,44 @@ def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, 
         model = get_peft_model(model, lora)
     except ValueError as error:  # peft's "target modules not found"
         raise InputError(f"LoRA targets {targets} do not fit {model_type!r}: {one_line(error)}") from error
-    draw_dropout_cheaply(model)
+    make_steps_cheaper(model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     return model
 
 
-def draw_dropout_cheaply(model) -> None:
-    """Swap every dropout (peft's LoRA input dropout and the encoder's own) for one that draws its mask ~4x cheaper
-    on a CPU: 16 random bits an element, p rounded to 1/65536. Layers that read the same tensor (query, key and value)
-    share its mask. On 2 AVX2 cores this takes a LoRA all-linear step from 1.01x to 0.7x of full fine-tuning's."""
+def make_steps_cheaper(model) -> None:
+    """Two exact rewrites of the training step that cut its time on a CPU (bench/lora_step.py):
+    - every dropout (peft's on each LoRA input, and the encoder's own) draws its mask from 16 random bits an element,
+      ~4x cheaper than torch's bernoulli_ (p rounded to 1/65536); layers that read the same tensor (query, key and
+      value) share its mask, as one dropout of their common input;
+    - each fp32 LoRA layer adds its x A^T B^T * scale in one autograd function: the scale is applied to the rank-r
+      product, the sum is one addmm, and the weight gradients are taken in the orientation CPU matmuls are fast at.
+    Same weights, same saved adapter; bf16/fp16 (autocast), DoRA and LoRA biases keep peft's own forward."""
     import torch
-
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    dropout, fused = step_classes()
+    shared = {}
+    for layer in [m for m in model.modules() if isinstance(m, LoraLayer)]:
+        for name, old in layer.lora_dropout.items():
+            if isinstance(old, torch.nn.Dropout) and 0 < old.p < 1:
+                layer.lora_dropout[name] = dropout(old.p, shared)
+        if type(layer) is LoraLinear and not layer.fan_in_fan_out:
+            layer.lora_variant.update({name: fused() for name in layer.lora_A if name not in layer.lora_variant
+                                       and not layer.lora_bias[name]})
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is torch.nn.Dropout and 0 < child.p < 1:
+                setattr(module, name, dropout(child.p, None))  # the encoder's own: attention reads its .p only
+
+
+@functools.cache
+def step_classes():
+    """make_steps_cheaper's dropout module and LoRA variant (made on first use: torch is imported lazily)."""
+    import torch
+    from peft.tuners.lora.layer import LoraVariant
 
     class Dropout(torch.nn.Module):
         def __init__(self, p: float, last: dict | None):
@@ -421,25 +448,59 @@ def draw_dropout_cheaply(model) -> None:
         def forward(self, x):
             if not self.training:
                 return x
-            if self.last is None or self.last.get("input") is not x:
+            if self.last is None or self.last.get("input", lambda: None)() is not x:
                 bits = torch.randint(-2**63, 2**63 - 1, (-(-x.numel() // 4),), dtype=torch.int64, device=x.device)
                 threshold = round(self.p * 65536)
                 keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= threshold - 32768
-                mask = keep.to(x.dtype) * (65536 / (65536 - threshold))
+                mask = keep.to(x.dtype).mul_(65536 / (65536 - threshold))
                 if self.last is None:
                     return x * mask
-                self.last.update(input=x, mask=mask)
+                self.last.update(input=weakref.ref(x), mask=mask)  # weak: the step's tensors are freed as usual
             return x * self.last["mask"]
 
-    shared = {}
-    for layer in [m for m in model.modules() if isinstance(m, LoraLayer)]:
-        for name, dropout in layer.lora_dropout.items():
-            if isinstance(dropout, torch.nn.Dropout) and 0 < dropout.p < 1:
-                layer.lora_dropout[name] = Dropout(dropout.p, shared)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Dropout and 0 < child.p < 1:
-                setattr(module, name, Dropout(child.p, None))  # the encoder's own: attention reads its .p only
+    class LoraProduct(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, result, a, b, scale):  # result + (x a^T * scale) b^T
+            x2 = x.reshape(-1, x.shape[-1])
+            low = (x2 @ a.t()).mul_(scale)
+            ctx.save_for_backward(x2, low, a, b)
+            ctx.scale, ctx.shape = scale, x.shape
+            return torch.addmm(result.reshape(-1, result.shape[-1]), low, b.t()).view(result.shape)
+
+        @staticmethod
+        def backward(ctx, grad):
+            x2, low, a, b = ctx.saved_tensors
+            grad2 = grad.reshape(-1, grad.shape[-1])
+            grad_low = (grad2 @ b).mul_(ctx.scale)
+            grad_x = (grad_low @ a).view(ctx.shape) if ctx.needs_input_grad[0] else None
+            return grad_x, grad, grad_low.t() @ x2, (low.t() @ grad2).t(), None
+
+    class FusedLora(LoraVariant):
+        @staticmethod
+        def init(module, adapter_name, **kwargs):
+            pass
+
+        @staticmethod
+        def merge_safe(module, active_adapter, orig_weight):
+            return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+        @staticmethod
+        def merge_unsafe(module, active_adapter, orig_weight):
+            orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+        @staticmethod
+        def unmerge(module, active_adapter, orig_weight):
+            return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+        @staticmethod
+        def forward(module, active_adapter, x, result, **kwargs):
+            a, b = module.lora_A[active_adapter], module.lora_B[active_adapter]
+            dropped, scale = module.lora_dropout[active_adapter](x), module.scaling[active_adapter]
+            if torch.is_autocast_enabled(x.device.type) or not x.dtype == a.weight.dtype == result.dtype:
+                return result + b(a(dropped)) * scale  # peft's vanilla LoRA
+            return LoraProduct.apply(dropped, result, a.weight, b.weight, scale)
+
+    return Dropout, FusedLora
 
 # 3. Tokenize ------------------------------------------------------------------------------------------------------
 

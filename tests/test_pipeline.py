@@ -55,6 +55,81 @@ def test_adapter_reloads_with_the_trained_models_logits(trained):
     assert "peft" not in type(merged).__module__
 
 
+def test_lora_dropout_is_drawn_cheaply_with_one_mask_for_query_key_value(tiny_model):
+    """p of each LoRA input dropped and the rest scaled by 1/(1-p); q_lin, k_lin and v_lin (one input) share a mask,
+    each forward and each layer input draws a new one, a seed repeats it, eval mode passes the input through."""
+    model = fts.build_model(tiny_model, ["all-linear"], 8, 16, 0.3).train()
+    block = model.base_model.model.distilbert.transformer.layer[0]
+    layers = {"q_lin": block.attention.q_lin, "k_lin": block.attention.k_lin, "v_lin": block.attention.v_lin,
+              "lin1": block.ffn.lin1}
+    seen = {}
+    for name, layer in layers.items():
+        layer.lora_dropout["default"].register_forward_hook(
+            lambda _, args, out, name=name: seen.update({name: out, name + " x": args[0]}))
+    ids = torch.randint(5, 30, (64, 50))
+
+    def forward(seed):
+        torch.manual_seed(seed)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        return dict(seen)
+
+    first, again, other = forward(1), forward(1), forward(2)
+    p = round(0.3 * 65536) / 65536
+    for name in layers:
+        x, dropped = first[name + " x"], first[name]
+        kept = dropped != 0
+        assert abs(1 - kept.float().mean().item() - 0.3) < 0.01, name  # 102,400 elements: 7 standard deviations
+        torch.testing.assert_close(dropped[kept], x[kept] / (1 - p))
+        assert torch.equal(again[name], dropped) and not torch.equal(other[name] != 0, kept), name
+    assert torch.equal(first["q_lin"] != 0, first["k_lin"] != 0) and torch.equal(first["q_lin"], first["v_lin"])
+    assert not torch.equal(first["lin1"] != 0, first["q_lin"] != 0)
+    model.eval()
+    forward(1)
+    assert torch.equal(seen["q_lin"], seen["q_lin x"]) and torch.equal(seen["lin1"], seen["lin1 x"])
+
+
+def test_the_fused_lora_layers_give_peft_s_outputs_and_gradients(tiny_model):
+    """make_steps_cheaper's one-function LoRA layers against peft's own, same weights and batch (dropout 0, fp32)."""
+    ids = torch.randint(5, 30, (16, 24))
+    found = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = fts.build_model(tiny_model, ["all-linear"], 8, 16, 0.0).train()
+        layers = [m for m in model.modules() if hasattr(m, "lora_variant")]
+        assert len(layers) == 12 and all(m.lora_variant for m in layers)  # 2 blocks x 6 linears, all fused
+        if not fused:
+            [m.lora_variant.clear() for m in layers]  # peft's own forward
+        for layer in layers:
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)  # B starts at 0: make the path count
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.arange(16) % 2)
+        out.loss.backward()
+        found.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+                      type(layers[0].forward(torch.ones(2, 3, 32, requires_grad=True)).grad_fn).__name__))
+    (logits, grads, kind), (peft_logits, peft_grads, peft_kind) = found
+    assert "LoraProduct" in kind and "LoraProduct" not in peft_kind, (kind, peft_kind)
+    torch.testing.assert_close(logits, peft_logits, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == peft_grads.keys() and any("lora_A" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_encoders_dropout_is_swapped_and_keeps_its_rate(tiny_model, tmp_path):
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(tiny_model)
+    encoder.config.update({"dropout": 0.2, "attention_dropout": 0.2})
+    AutoModel.from_config(encoder.config).save_pretrained(tmp_path)  # the tiny model with dropout 0.2
+    model = fts.build_model(str(tmp_path), None, 8, 16, 0.0)
+    assert not [m for m in model.modules() if type(m) is torch.nn.Dropout and m.p > 0]
+    swapped = [m for m in model.modules() if type(m).__name__ == "Dropout" and getattr(m, "p", 0) == 0.2]
+    assert len(swapped) >= 5  # embeddings, 2 per layer's attention and output, the head's
+    ids = torch.randint(5, 30, (8, 20))
+    model.train()
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)  # dropout is on
+    model.eval()
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_adapter_holds_the_head_and_tokenizer(trained):
     from safetensors.torch import load_file
 
