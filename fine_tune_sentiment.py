@@ -408,13 +408,14 @@ def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, 
 
 
 def make_steps_cheaper(model) -> None:
-    """Two exact rewrites of the training step that cut its time on a CPU (bench/lora_step.py):
+    """Two rewrites of the training step that cut its time on a CPU (bench/lora_step.py); model, loss and rates stay:
     - every dropout (peft's on each LoRA input, and the encoder's own) draws its mask from 16 random bits an element,
       ~4x cheaper than torch's bernoulli_ (p rounded to 1/65536); layers that read the same tensor (query, key and
       value) share its mask, as one dropout of their common input;
     - each fp32 LoRA layer adds its x A^T B^T * scale in one autograd function: the scale is applied to the rank-r
       product, the sum is one addmm, and the weight gradients are taken in the orientation CPU matmuls are fast at.
-    Same weights, same saved adapter; bf16/fp16 (autocast), DoRA and LoRA biases keep peft's own forward."""
+    The masks are another draw of the same rate; the LoRA layers compute peft's sums in another order (tested).
+    The saved adapter is plain peft; bf16/fp16 (autocast), DoRA and LoRA biases keep peft's own forward."""
     import torch
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -501,6 +502,7 @@ def step_classes():
             return LoraProduct.apply(dropped, result, a.weight, b.weight, scale)
 
     return Dropout, FusedLora
+
 
 # 3. Tokenize ------------------------------------------------------------------------------------------------------
 
