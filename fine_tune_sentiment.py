@@ -12,25 +12,23 @@ head and tail. predict_sentiment.py puts the saved model to work (predict, score
     python fine_tune_sentiment.py --search 8                        # try 8 settings (Optuna), train the best
     python fine_tune_sentiment.py --eval-only --dataset-name new.csv     # evaluate the saved adapter on new data
     python fine_tune_sentiment.py --export-onnx                          # for predict_sentiment.py --runtime onnx-int8
-    python predict_sentiment.py --predict "This movie was fantastic!"  # (this file takes that flag too)
+    python predict_sentiment.py --predict "This movie was fantastic!"  # then put it to work (predict, serve, Ray)
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
 import sys
-import shlex
 import time
 import warnings
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,9 +38,8 @@ from urllib.parse import urlparse
 import numpy as np
 
 import predict_sentiment as inference
-from predict_sentiment import (DATA_FILE_TYPES, ID2LABEL, InputError, add_mode_flags, add_settings, encode,
-                               load_adapter, load_for_inference, logits, need_package, one_line, pad, predict,
-                               print_predictions, softmax)
+from predict_sentiment import (ID2LABEL, InputError, encode, load_adapter, load_for_inference, logits, need_package,
+                               one_line, pad, predict, print_predictions, settings_parser, softmax)
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -73,11 +70,12 @@ CALIBRATE: bool = True  # fit a temperature on the validation split so the proba
 # LoRA
 LORA_R: int = 8  # rank of the low-rank update; 4-16 is typical
 LORA_ALPHA: int = 16  # update scale is alpha / r; 2 * r is the usual choice
-LORA_DROPOUT: float = 0.1  # dropout on LoRA's input: +0.006 test accuracy over 0 on the stand-in (bench/README.md)
+LORA_DROPOUT: float = 0.1  # dropout on LoRA's input; 0 trains a little faster (bench/README.md has both)
 TARGET_MODULES: list[str] | None = None  # None = q_lin v_lin (DistilBERT) or query value (BERT); or all-linear
 LORA_VARIANT: str = "lora"  # lora; rslora (scale alpha / sqrt(r)); dora (weight-decomposed, slower per step)
 # speed
-RUNTIME: str = "torch"  # what --predict, --predict-file and --eval-only run on: torch, onnx or onnx-int8 (no torch)
+FAST_STEP: bool = True  # fast_lora.py's cheaper dropout and fused fp32 LoRA layers; off: peft's own step, same model
+RUNTIME: str = "torch"  # what --eval-only runs on: torch, onnx or onnx-int8 (the --export-onnx model, no torch)
 PRECISION: str = "auto"  # auto (bf16 where measured fast; GPU: bf16, else fp16; else fp32), fp32, bf16 or fp16
 # run
 SEED: int = 42  # seeds shuffling, subsets, LoRA init and dropout: same seed, same CPU result
@@ -101,7 +99,7 @@ SEARCH_SPACE = {  # --search N: each trial draws its settings from these (Optuna
 }
 PRESETS = {  # fills the settings left at None; a value set in the file or on the command line wins
     "gpu": dict(TRAIN_SAMPLES=0, EVAL_SAMPLES=0, MAX_LENGTH=512, EPOCHS=3, BATCH_SIZE=32),  # full IMDB, 25k/25k
-    "cpu": dict(TRAIN_SAMPLES=2000, EVAL_SAMPLES=1000, MAX_LENGTH=256, EPOCHS=1, BATCH_SIZE=16),  # 16.8 min, 2 AVX2 cores
+    "cpu": dict(TRAIN_SAMPLES=2000, EVAL_SAMPLES=1000, MAX_LENGTH=256, EPOCHS=1, BATCH_SIZE=16),  # minutes on 2 cores
 }
 DEFAULT_TARGETS = {"distilbert": ["q_lin", "v_lin"], "bert": ["query", "value"], "roberta": ["query", "value"]}
 HEAD_MODULES = {"distilbert": ["pre_classifier", "classifier"], "bert": ["pooler", "classifier"]}  # trained + saved
@@ -114,64 +112,87 @@ CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "TRUNCATION": ("head+t
            "LORA_VARIANT": ("lora", "rslora", "dora"), "RUNTIME": ("torch", "onnx", "onnx-int8")}
 TRACKER_PACKAGES = {"comet_ml": ("comet_ml", "comet-ml"), "azure_ml": ("azureml", "azureml-core")}  # else name, name
 POSITIVE = ("LEARNING_RATE", "EPOCHS", "BATCH_SIZE", "LORA_R", "MAX_LENGTH")  # settings that must be above 0
+FRACTIONS = ("WARMUP", "LORA_DROPOUT", "VALIDATION")  # settings that must be below 1
+DATA_FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+INFERENCE_FLAGS = ("--predict", "--predict-file", "--predictions", "--serve", "--ray")  # predict_sentiment.py's
 log = logging.getLogger("sentiment")  # predict_sentiment's logger too
 
 
 # The training story: what `python fine_tune_sentiment.py` does, step by step ------------------------------------
 
 
-def run_training(config: dict, args: argparse.Namespace) -> dict:
+def run_training(config: dict, args: argparse.Namespace, state) -> dict:
     """Load and prepare the data, tokenize it, wrap the model in LoRA, train, evaluate, predict, save."""
-    from transformers import set_seed
-
-    run = start_run(config, args)  # device, processes and preset, printed
-    set_seed(config["SEED"])  # once, before any shuffling and before the LoRA weights are drawn
-    with main_process_first():  # downloads and dataset caches are written once, then read by the other processes
-        data = load_data(config)  # 1. load, clean and subsample
-        model, tokenizer = load_model(config, data["train"].features["labels"].names)  # 2. the LoRA model
-        data = tokenize(data, tokenizer)  # 3. tokenize once; batches are padded later
-    run.precision, run.speedup = resolve_precision(config["PRECISION"], run.has_gpu, model.config.hidden_size)
-    trainer, train_metrics = train(model, tokenizer, data, run)  # 4. train
-    metrics = evaluate(trainer, data, config["CALIBRATE"]) | describe(run, model, data, trainer, train_metrics)  # 5.
-    if not is_main():
+    run, data, tokenizer = prepare(config, args, state)  # 1. load, clean, subsample; 2. tokenize
+    with state.main_process_first():  # a download is written once, then read by the other processes
+        model = load_model(config, run.model_name, data["train"].features["labels"].names)  # 3. the LoRA model
+    trainer, train_metrics = train(model, tokenizer, data, run)  # 3. train
+    metrics = evaluate(trainer, data, config["CALIBRATE"]) | describe(run, model, data, trainer, train_metrics)  # 4.
+    if not state.is_main_process:
         return metrics  # the main process prints and saves
     print_metrics(metrics)
     samples = config["SAMPLE_REVIEWS"]
-    print_predictions(samples, predict(model, tokenizer, samples, precision=run.precision))  # 6. predict
-    paths = save_outputs(model, tokenizer, metrics, trainer.state, Path(config["OUTPUT_DIR"]), config["MERGE"])  # 7.
+    print_predictions(samples, predict(model, tokenizer, samples, precision=run.precision))  # 5. predict
+    paths = save_outputs(model, tokenizer, metrics, trainer.state, Path(config["OUTPUT_DIR"]), config["MERGE"])  # 6.
     shutil.rmtree(Path(config["OUTPUT_DIR"]) / "checkpoints", ignore_errors=True)  # finished: nothing to resume
     log.info(f"Done: accuracy {metrics['eval_accuracy']:.4f}, F1 {metrics['eval_f1']:.4f}, trained in "
              f"{metrics['train_seconds']:.0f}s | " + " | ".join(f"{k}: {p}" for k, p in paths.items()))
     return metrics
 
 
+def prepare(config: dict, args: argparse.Namespace, state, epochs: int | None = None):
+    """What training and --search start with: the run's resolved state, the tokenized data and the tokenizer;
+    epochs: the number of epochs the data is split for, if not EPOCHS."""
+    from transformers import AutoConfig, set_seed
+
+    run = start_run(config, args, state)  # device, processes and preset, printed
+    set_seed(config["SEED"])  # once, before any shuffling and before the LoRA weights are drawn
+    with state.main_process_first():  # downloads and dataset caches are written once, then read by the others
+        data = load_data(config | ({"EPOCHS": epochs} if epochs else {}))
+        try:
+            run.model_config = AutoConfig.from_pretrained(run.model_name)
+            tokenizer = load_tokenizer(run.model_name, config["MAX_LENGTH"], getattr(
+                run.model_config, "max_position_embeddings", None), config["TRUNCATION"])
+        except OSError as error:  # not found, offline and not cached
+            raise InputError(f"could not load model {config['MODEL_NAME']!r}: {one_line(error)}") from error
+        data = tokenize(data, tokenizer)  # once; batches are padded later
+    run.precision, run.speedup = resolve_precision(state, config["PRECISION"], run.has_gpu,
+                                                   run.model_config.hidden_size)
+    return run, data, tokenizer
+
+
 @dataclass
 class Run:
     """One training run's resolved state: the settings, and what this machine and launch made of them."""
     config: dict
+    state: object  # accelerate's PartialState: which process this is, of how many
     has_gpu: bool
     device: str
     preset: str
-    backend: str | None
     fresh: bool
     quiet: bool
+    model_name: str  # MODEL_NAME, a local path made absolute
+    model_config: object = None
     precision: str = "fp32"
     speedup: float | None = None
     class_weights: list[float] | None = None
 
 
-def start_run(config: dict, args: argparse.Namespace) -> Run:
-    """Find the device, join the other processes (torchrun), fill the preset, check the tracker; print the plan."""
+def start_run(config: dict, args: argparse.Namespace, state) -> Run:
+    """Share the cores among torchrun's processes, fill the preset, check the sources and tracker; print the plan."""
     import torch
 
     has_gpu = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if has_gpu else "cpu"
-    backend = join_processes(has_gpu)
+    if not has_gpu and "LOCAL_WORLD_SIZE" in os.environ:  # torchrun gives each process 1 thread: give it its share
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, cores // int(os.environ["LOCAL_WORLD_SIZE"])))
     preset = apply_preset(config, has_gpu)
     log.info(f"Preset: {preset} ({'CUDA: ' + device if has_gpu else 'no GPU found'}); "
              f"settings: {json.dumps({k: v for k, v in config.items() if k != 'SAMPLE_REVIEWS'})}")
+    check_source(config["MODEL_NAME"], "model")
     check_tracker(config["REPORT_TO"], Path(config["OUTPUT_DIR"]))
-    return Run(config, has_gpu, device, preset, backend, args.fresh, args.quiet)
+    return Run(config, state, has_gpu, device, preset, args.fresh, args.quiet, local_or_hub(config["MODEL_NAME"]))
 
 
 # 1. Load and prepare the data ------------------------------------------------------------------------------------
@@ -255,6 +276,28 @@ def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: in
     else:
         keep = ("train", eval_split, "validation" if eval_split == "test" else None)  # never IMDB's 'unsupervised'
         data = DatasetDict({s: raw[s] for s in keep if s in raw})
+    data, feature = clean(data, text_column, label_column)
+    if names is None:
+        names, label_map = class_names(data, feature, label_column)  # from the cleaned rows: every class has text
+    else:
+        label_map = adapter_label_map(data["test"], feature, names, label_column)
+    data = data.map(lambda b: {"labels": [label_map[label_key(l, feature)] for l in b["labels"]]}, batched=True,
+                    desc="Labelling", features=Features(next(iter(data.values())).features | {
+                        "labels": ClassLabel(names=names)}))
+    if eval_split is None and "train" in data:
+        log.info("No test split: holding out a seeded, stratified 20% of train for evaluation")
+        try:
+            data = data["train"].train_test_split(test_size=0.2, seed=seed, stratify_by_column="labels")
+        except ValueError as error:  # a class with a single row cannot be split both ways
+            raise InputError(f"cannot hold out a stratified 20% for evaluation: {one_line(error)}") from error
+    elif "train" in data and eval_split != "test":  # training on data whose only held-out split is validation
+        data["test"] = data.pop(eval_split)
+    return data
+
+
+def clean(data: DatasetDict, text_column: str, label_column: str):
+    """The text and label columns only, named text and labels, without the rows whose text is empty or that have no
+    label; return (data, the label column's feature)."""
     columns = next(iter(data.values())).column_names
     for role, column in (("text", text_column), ("label", label_column)):
         if column not in columns:
@@ -274,27 +317,18 @@ def prepare_data(raw: DatasetDict, text_column: str, label_column: str, seed: in
             log.warning(f"Dropped {count - len(data[split])} of {count} {split} rows: empty text or unlabelled")
         if not len(data[split]):
             raise InputError(f"no usable rows left in the {split} split (empty texts or missing labels)")
-    if names is None:
-        names, label_map = class_names(data, feature, label_column)  # from the cleaned rows: every class has text
-    else:
-        label_map = {label_key(name, None): i for i, name in enumerate(names)} | (
-            {0: 0, 1: 1} if names == list(ID2LABEL.values()) else {})  # binary data may say 0/1 or neg/pos
-        unknown = {label_key(v, feature) for v in data["test"].unique("labels")} - set(label_map)
-        if unknown:
-            raise InputError(f"column {label_column!r} has labels the adapter does not know: "
-                             f"{sorted(map(str, unknown))[:10]}; it knows {names}")
-    data = data.map(lambda b: {"labels": [label_map[label_key(l, feature)] for l in b["labels"]]}, batched=True,
-                    desc="Labelling", features=Features(next(iter(data.values())).features | {
-                        "labels": ClassLabel(names=names)}))
-    if eval_split is None and "train" in data:
-        log.info("No test split: holding out a seeded, stratified 20% of train for evaluation")
-        try:
-            data = data["train"].train_test_split(test_size=0.2, seed=seed, stratify_by_column="labels")
-        except ValueError as error:  # a class with a single row cannot be split both ways
-            raise InputError(f"cannot hold out a stratified 20% for evaluation: {one_line(error)}") from error
-    elif names is None and eval_split != "test":
-        data["test"] = data.pop(eval_split)
-    return data
+    return data, feature
+
+
+def adapter_label_map(test: Dataset, feature, names: list[str], label_column: str) -> dict:
+    """--eval-only: each raw label of test as the class id of a trained adapter's names; unknown labels refused."""
+    label_map = {label_key(name, None): i for i, name in enumerate(names)} | (
+        {0: 0, 1: 1} if names == list(ID2LABEL.values()) else {})  # binary data may say 0/1 or neg/pos
+    unknown = {label_key(v, feature) for v in test.unique("labels")} - set(label_map)
+    if unknown:
+        raise InputError(f"column {label_column!r} has labels the adapter does not know: "
+                         f"{sorted(map(str, unknown))[:10]}; it knows {names}")
+    return label_map
 
 
 def label_key(value, feature):
@@ -356,155 +390,7 @@ def subsample(data: Dataset, n: int, seed: int, split: str) -> Dataset:
         return data
     return data.shuffle(seed=seed).select(range(n))
 
-# 2. The model: a pretrained encoder, a head for the classes, LoRA around it ------------------------------------
-
-
-def load_model(config: dict, names: list[str]):
-    """The LoRA-wrapped model and its tokenizer, from a hub id or a local folder."""
-    check_source(config["MODEL_NAME"], "model")
-    model_name = local_or_hub(config["MODEL_NAME"])
-    try:
-        model = build_model(model_name, config["TARGET_MODULES"], config["LORA_R"], config["LORA_ALPHA"],
-                            config["LORA_DROPOUT"], names, config["LORA_VARIANT"])
-        tokenizer = load_tokenizer(model_name, config["MAX_LENGTH"],
-                                   getattr(model.config, "max_position_embeddings", None), config["TRUNCATION"])
-    except OSError as error:  # not found, offline and not cached, or no safetensors weights
-        raise InputError(f"could not load model {config['MODEL_NAME']!r}: {one_line(error)}") from error
-    return model, tokenizer
-
-
-def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, lora_alpha: int,
-                lora_dropout: float, names: list[str] = tuple(ID2LABEL.values()), variant: str = "lora"):
-    """Load the pretrained encoder with a head for the classes and wrap it in LoRA; the head trains fully."""
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    saved = AutoConfig.from_pretrained(model_name)
-    other_head = any(a.endswith("ForSequenceClassification") for a in saved.architectures or []) and \
-        saved.num_labels != len(names)  # e.g. an SST-2 checkpoint (2 labels) trained on 3 classes
-    if other_head:
-        log.warning(f"warning: the checkpoint's classification head has {saved.num_labels} labels and the data "
-                    f"has {len(names)} classes; training a new head")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        model_name, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
-        use_safetensors=True, ignore_mismatched_sizes=other_head)
-    model_type = model.config.model_type
-    targets = target_modules or DEFAULT_TARGETS.get(model_type)
-    if targets is None:
-        raise InputError(f"no default LoRA targets for model type {model_type!r}; pass --target-modules "
-                         f"NAME [NAME ...] or --target-modules all-linear")
-    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                      target_modules=targets[0] if targets == ["all-linear"] else targets,
-                      modules_to_save=HEAD_MODULES.get(model_type, ["classifier", "score"]),
-                      use_rslora=variant == "rslora", use_dora=variant == "dora")
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as error:  # peft's "target modules not found"
-        raise InputError(f"LoRA targets {targets} do not fit {model_type!r}: {one_line(error)}") from error
-    make_steps_cheaper(model)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
-    return model
-
-
-def make_steps_cheaper(model) -> None:
-    """Two rewrites of the training step that cut its time on a CPU (bench/lora_step.py); model, loss and rates stay:
-    - every dropout (peft's on each LoRA input, and the encoder's own) draws its mask from 16 random bits an element,
-      ~4x cheaper than torch's bernoulli_ (p rounded to 1/65536); layers that read the same tensor (query, key and
-      value) share its mask, as one dropout of their common input;
-    - each fp32 LoRA layer adds its x A^T B^T * scale in one autograd function: the scale is applied to the rank-r
-      product, the sum is one addmm, and the weight gradients are taken in the orientation CPU matmuls are fast at.
-    The masks are another draw of the same rate; the LoRA layers compute peft's sums in another order (tested).
-    The saved adapter is plain peft; bf16/fp16 (autocast), DoRA and LoRA biases keep peft's own forward."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    dropout, fused = step_classes()
-    shared = {}
-    for layer in [m for m in model.modules() if isinstance(m, LoraLayer)]:
-        for name, old in layer.lora_dropout.items():
-            if isinstance(old, torch.nn.Dropout) and 0 < old.p < 1:
-                layer.lora_dropout[name] = dropout(old.p, shared)
-        if type(layer) is LoraLinear and not layer.fan_in_fan_out:
-            layer.lora_variant.update({name: fused() for name in layer.lora_A if name not in layer.lora_variant
-                                       and not layer.lora_bias[name]})
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Dropout and 0 < child.p < 1:
-                setattr(module, name, dropout(child.p, None))  # the encoder's own: attention reads its .p only
-
-
-@functools.cache
-def step_classes():
-    """make_steps_cheaper's dropout module and LoRA variant (made on first use: torch is imported lazily)."""
-    import torch
-    from peft.tuners.lora.layer import LoraVariant
-
-    class Dropout(torch.nn.Module):
-        def __init__(self, p: float, last: dict | None):
-            super().__init__()
-            self.p, self.last = p, last  # last: the latest input and its mask, shared by the LoRA layers
-
-        def forward(self, x):
-            if not self.training:
-                return x
-            if self.last is None or self.last.get("input", lambda: None)() is not x:
-                bits = torch.randint(-2**63, 2**63 - 1, (-(-x.numel() // 4),), dtype=torch.int64, device=x.device)
-                threshold = round(self.p * 65536)
-                keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= threshold - 32768
-                mask = keep.to(x.dtype).mul_(65536 / (65536 - threshold))
-                if self.last is None:
-                    return x * mask
-                self.last.update(input=weakref.ref(x), mask=mask)  # weak: the step's tensors are freed as usual
-            return x * self.last["mask"]
-
-    class LoraProduct(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, result, a, b, scale):  # result + (x a^T * scale) b^T
-            x2 = x.reshape(-1, x.shape[-1])
-            low = (x2 @ a.t()).mul_(scale)
-            ctx.save_for_backward(x2, low, a, b)
-            ctx.scale, ctx.shape = scale, x.shape
-            return torch.addmm(result.reshape(-1, result.shape[-1]), low, b.t()).view(result.shape)
-
-        @staticmethod
-        def backward(ctx, grad):
-            x2, low, a, b = ctx.saved_tensors
-            grad2 = grad.reshape(-1, grad.shape[-1])
-            grad_low = (grad2 @ b).mul_(ctx.scale)
-            grad_x = (grad_low @ a).view(ctx.shape) if ctx.needs_input_grad[0] else None
-            return grad_x, grad, grad_low.t() @ x2, (low.t() @ grad2).t(), None
-
-    class FusedLora(LoraVariant):
-        @staticmethod
-        def init(module, adapter_name, **kwargs):
-            pass
-
-        @staticmethod
-        def merge_safe(module, active_adapter, orig_weight):
-            return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
-
-        @staticmethod
-        def merge_unsafe(module, active_adapter, orig_weight):
-            orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
-
-        @staticmethod
-        def unmerge(module, active_adapter, orig_weight):
-            return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
-
-        @staticmethod
-        def forward(module, active_adapter, x, result, **kwargs):
-            a, b = module.lora_A[active_adapter], module.lora_B[active_adapter]
-            dropped, scale = module.lora_dropout[active_adapter](x), module.scaling[active_adapter]
-            if torch.is_autocast_enabled(x.device.type) or not x.dtype == a.weight.dtype == result.dtype:
-                return result + b(a(dropped)) * scale  # peft's vanilla LoRA
-            return LoraProduct.apply(dropped, result, a.weight, b.weight, scale)
-
-    return Dropout, FusedLora
-
-
-# 3. Tokenize ------------------------------------------------------------------------------------------------------
+# 2. Tokenize ------------------------------------------------------------------------------------------------------
 
 
 def load_tokenizer(model_name: str, max_length: int, model_limit: int | None, truncation: str = "head"):
@@ -534,6 +420,57 @@ def tokenize(data: DatasetDict, tokenizer) -> DatasetDict:
 
     return data.map(encode_batch, batched=True, remove_columns=["text"], desc="Tokenizing")
 
+# 3. The model: a pretrained encoder, a head for the classes, LoRA around it ------------------------------------
+
+
+def load_model(config: dict, model_name: str, names: list[str]):
+    """The LoRA-wrapped model that config describes, for the classes names."""
+    try:
+        return build_model(model_name, config["TARGET_MODULES"], config["LORA_R"], config["LORA_ALPHA"],
+                           config["LORA_DROPOUT"], names, config["LORA_VARIANT"], config["FAST_STEP"])
+    except OSError as error:  # not found, offline and not cached, or no safetensors weights
+        raise InputError(f"could not load model {config['MODEL_NAME']!r}: {one_line(error)}") from error
+
+
+def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, lora_alpha: int,
+                lora_dropout: float, names: list[str] = tuple(ID2LABEL.values()), variant: str = "lora",
+                fast_step: bool = True):
+    """Load the pretrained encoder with a head for the classes and wrap it in LoRA; the head trains fully.
+    fast_step: train with fast_lora.py's step (the same model, cheaper on a CPU)."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    saved = AutoConfig.from_pretrained(model_name)
+    other_head = any(a.endswith("ForSequenceClassification") for a in saved.architectures or []) and \
+        saved.num_labels != len(names)  # e.g. an SST-2 checkpoint (2 labels) trained on 3 classes
+    if other_head:
+        log.warning(f"warning: the checkpoint's classification head has {saved.num_labels} labels and the data "
+                    f"has {len(names)} classes; training a new head")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_name, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        use_safetensors=True, ignore_mismatched_sizes=other_head)
+    model_type = model.config.model_type
+    targets = target_modules or DEFAULT_TARGETS.get(model_type)
+    if targets is None:
+        raise InputError(f"no default LoRA targets for model type {model_type!r}; pass --target-modules "
+                         f"NAME [NAME ...] or --target-modules all-linear")
+    lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                      target_modules=targets[0] if targets == ["all-linear"] else targets,
+                      modules_to_save=HEAD_MODULES.get(model_type, ["classifier", "score"]),
+                      use_rslora=variant == "rslora", use_dora=variant == "dora")
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as error:  # peft's "target modules not found"
+        raise InputError(f"LoRA targets {targets} do not fit {model_type!r}: {one_line(error)}") from error
+    if fast_step:
+        import fast_lora  # torch and peft at its top: imported here, when a model is built
+
+        fast_lora.apply(model)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    return model
+
+
 # 4. Train --------------------------------------------------------------------------------------------------------
 
 
@@ -543,8 +480,8 @@ def train(model, tokenizer, data: DatasetDict, run: Run):
 
     config = run.config
     checkpoints = Path(config["OUTPUT_DIR"]) / "checkpoints"
-    resume_from = resume_point(checkpoints, config, run.fresh)
-    interrupt = interrupt_callback()
+    resume_from = resume_point(checkpoints, config, run.fresh, run.state)
+    interrupt = interrupt_callback(run.state.num_processes)
     if config["CLASS_WEIGHTS"] == "balanced":
         run.class_weights = class_weights(data["train"]["labels"], len(model.config.id2label))
     stop_early = [EarlyStoppingCallback(config["EARLY_STOPPING"])] if config["EARLY_STOPPING"] and config[
@@ -563,7 +500,7 @@ def train(model, tokenizer, data: DatasetDict, run: Run):
     if interrupt.interrupted:
         log.warning(f"Checkpoint saved in {checkpoints}; run the same command again to resume, "
                     f"or pass --fresh to start over")
-        leave_processes()  # every process stopped after the same step, so all of them get here
+        leave_processes(run.state)  # every process stopped after the same step, so all of them get here
         raise SystemExit(130)
     return trainer, result.metrics
 
@@ -597,35 +534,36 @@ def training_arguments(run: Run, output_dir: Path, train_rows: int):
         dataloader_num_workers=4 if run.has_gpu else 0,  # on CPU workers compete with the math for 2 cores
         seed=config["SEED"],
         report_to=config["REPORT_TO"],
-        disable_tqdm=run.quiet or not is_main(),
+        disable_tqdm=run.quiet or not run.state.is_main_process,
     )
 
 
-def resume_point(checkpoints: Path, config: dict, fresh: bool) -> str | None:
+def resume_point(checkpoints: Path, config: dict, fresh: bool, state) -> str | None:
     """The checkpoint of an interrupted run with the same settings, or None; --fresh removes them first."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    run_file, main = checkpoints / "run_config.json", is_main()
-    with main_process_first():  # the main process decides (and cleans up); the others then see what it left
-        if fresh and checkpoints.exists() and main:
+    run_file, on_main = checkpoints / "run_config.json", state.is_main_process
+    with state.main_process_first():  # the main process decides (and cleans up); the others then see what it left
+        if fresh and checkpoints.exists() and on_main:
             shutil.rmtree(checkpoints)
             log.info("--fresh: removed the checkpoints of the earlier run")
         resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-        if resume_from and main:
+        if resume_from and on_main:
             saved = json.loads(run_file.read_text()) if run_file.exists() else {}
             changed = sorted(k for k in config if k not in ("SAMPLE_REVIEWS", "MERGE") and saved.get(k) != config[k])
             if changed:
                 raise InputError(f"{checkpoints} holds an interrupted run with different settings "
                                  f"({', '.join(changed)}); rerun it with the same settings, or pass --fresh")
             log.warning(f"Resuming the interrupted run from {resume_from}")  # shown even with --quiet
-        if main:
+        if on_main:
             checkpoints.mkdir(parents=True, exist_ok=True)
             write_json(run_file, config)
     return resume_from
 
 
-def interrupt_callback():
-    """A Trainer callback that turns Ctrl-C or SIGTERM into 'save a checkpoint, then stop' at the next step."""
+def interrupt_callback(processes: int = 1):
+    """A Trainer callback that turns Ctrl-C or SIGTERM into 'save a checkpoint, then stop' at the next step;
+    processes: how many torchrun started (they all stop after the same step)."""
     from transformers import TrainerCallback
 
     class SaveOnInterrupt(TrainerCallback):  # the Trainer only takes callbacks as TrainerCallback subclasses
@@ -637,13 +575,13 @@ def interrupt_callback():
                 self.previous[sig] = signal.signal(sig, self.handle)
 
         def handle(self, signum, frame):
-            if self.interrupted and rank_and_world()[1] == 1:  # a second Ctrl-C stops at once; under torchrun
+            if self.interrupted and processes == 1:  # a second Ctrl-C stops at once; under torchrun
                 raise KeyboardInterrupt  # a worker gets both the terminal's SIGINT and torchrun's forwarded one
             self.interrupted = True
             log.warning("\nInterrupted: saving a checkpoint after this step (press Ctrl-C again to quit now)")
 
         def on_step_end(self, args, state, control, **kwargs):
-            if rank_and_world()[1] > 1:  # all processes must stop after the same step, or the save hangs
+            if processes > 1:  # all processes must stop after the same step, or the save hangs
                 import torch
 
                 flag = torch.tensor([float(self.interrupted)], device=args.device)
@@ -684,39 +622,48 @@ def evaluate(trainer, data: DatasetDict, calibrated: bool) -> dict:
     """Score the test split once: loss, accuracy, F1, precision, recall, confusion matrix; with CALIBRATE, after the
     temperature was fitted on validation and folded into the head, so test sees the model as it is saved."""
     model = trainer.model  # the peft model (trainer.model_wrapped is the DDP one)
-    temperature, held = calibrate(model, trainer, data) if calibrated else (1.0, "off")
+    found = calibrate(model, trainer, data) if calibrated else Calibration("off")
     test = trainer.predict(data["test"].sort("length"), metric_key_prefix="eval")  # sorted by length: less padding
     speed = {k: round(v, 4) for k, v in test.metrics.items() if k.endswith(("_runtime", "_per_second"))}
     return metrics_from(test.predictions, test.label_ids, list(model.config.id2label.values())) | speed | {
-        "calibration": held if isinstance(held, str) else calibration_report(held, test, temperature)}
+        "calibration": calibration_report(found, test) if found.status == "calibrated" else found.status}
 
 
-def calibrate(model, trainer, data: DatasetDict):
+@dataclass
+class Calibration:
+    """What calibrate() did: status 'calibrated', 'off' or 'skipped: <why>'; the temperature it folded into the
+    head; the validation split's predictions, made before."""
+    status: str
+    temperature: float = 1.0
+    held: object = None  # the Trainer's PredictionOutput
+
+
+def calibrate(model, trainer, data: DatasetDict) -> Calibration:
     """Temperature scaling (Guo et al. 2017): find the T that minimises the validation split's NLL and fold 1/T into
-    the classifier (argmax unchanged), so every way of loading the model gives calibrated probabilities; return T
-    and the validation predictions (made before)."""
+    the classifier (argmax unchanged), so every way of loading the model gives calibrated probabilities."""
     if "validation" not in data:
         log.info("Calibration skipped: no validation split (one epoch, or VALIDATION=0)")
-        return 1.0, "skipped: no validation split (one epoch, or VALIDATION=0)"
+        return Calibration("skipped: no validation split (one epoch, or VALIDATION=0)")
     held = trainer.predict(data["validation"].sort("length"), metric_key_prefix="validation")
     temperature = fit_temperature(held.predictions, held.label_ids)
     scale_classifier(model, 1 / temperature)
-    return temperature, held
+    return Calibration("calibrated", temperature, held)
 
 
-def calibration_report(held, test, t: float) -> dict:
+def calibration_report(found: Calibration, test) -> dict:
     """The temperature, and NLL (validation, test) and ECE (test) before and after it; test was scored after."""
-    found = {"temperature": t, "bins": 15,
-             "validation_nll_before": cross_entropy(held.predictions, held.label_ids),
-             "validation_nll_after": cross_entropy(held.predictions / t, held.label_ids),
-             "test_ece_before": ece(test.predictions * t, test.label_ids), "test_ece_after": ece(test.predictions,
-                                                                                                 test.label_ids),
-             "test_nll_before": cross_entropy(test.predictions * t, test.label_ids),
-             "test_nll_after": cross_entropy(test.predictions, test.label_ids)}
+    held, t = found.held, found.temperature
+    report = {"temperature": t, "bins": 15,
+              "validation_nll_before": cross_entropy(held.predictions, held.label_ids),
+              "validation_nll_after": cross_entropy(held.predictions / t, held.label_ids),
+              "test_ece_before": ece(test.predictions * t, test.label_ids),
+              "test_ece_after": ece(test.predictions, test.label_ids),
+              "test_nll_before": cross_entropy(test.predictions * t, test.label_ids),
+              "test_nll_after": cross_entropy(test.predictions, test.label_ids)}
     log.info(f"Calibrated on {len(held.label_ids)} validation rows: temperature {t:.3f}; test ECE "
-             f"{found['test_ece_before']:.4f} -> {found['test_ece_after']:.4f}, NLL {found['test_nll_before']:.4f} -> "
-             f"{found['test_nll_after']:.4f}")
-    return {k: round(v, 4) for k, v in found.items()}
+             f"{report['test_ece_before']:.4f} -> {report['test_ece_after']:.4f}, NLL {report['test_nll_before']:.4f}"
+             f" -> {report['test_nll_after']:.4f}")
+    return {k: round(v, 4) for k, v in report.items()}
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -811,7 +758,7 @@ def describe(run: Run, model, data: DatasetDict, trainer, train_metrics: dict) -
             "trainable_params": trainable, "total_params": total, "device": run.device, "preset": run.preset,
             "precision": run.precision, "bf16_speedup": run.speedup and round(run.speedup, 2),
             "class_weights": run.class_weights and dict(zip(model.config.id2label.values(), run.class_weights)),
-            "world_size": rank_and_world()[1], "backend": run.backend, "labels": list(model.config.id2label.values()),
+            "world_size": run.state.num_processes, "backend": run.state.backend, "labels": list(model.config.id2label.values()),
             "lora_targets": short_names(model.peft_config["default"].target_modules),
             "date": time.strftime("%Y-%m-%d"), "config": run.config} | selection(trainer.state, data)
 
@@ -853,51 +800,23 @@ def save_outputs(model, tokenizer, metrics: dict, state, output_dir: Path, merge
     return paths
 
 
-def write_card(folder: Path, where: Path, metrics: dict, library: str) -> None:
-    """Replace peft's empty template in folder (to become where) with a filled model card and hub metadata."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    config, names = metrics["config"], list(metrics["labels"])
-    labels = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
-    load = {"peft": f"""classify = pipeline("text-classification", model="{where}", model_kwargs=labels)
-# or, with peft's own class:
-from peft import AutoPeftModelForSequenceClassification
-from transformers import AutoTokenizer
-model = AutoPeftModelForSequenceClassification.from_pretrained("{where}", **labels)
-classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained("{where}"))""",
-            "transformers": f'classify = pipeline("text-classification", model="{where}")'}[library]
-    rows = "\n".join(f"| {k.removeprefix('eval_')} | {metrics[k]:.4f} |" for k in
-                     ("eval_accuracy", "eval_f1", "eval_precision", "eval_recall", "eval_loss"))
-    results = [EvalResult(task_type="text-classification", task_name="Text Classification", dataset_split="test",
-                          dataset_type=config["DATASET_NAME"], dataset_name=config["DATASET_NAME"], metric_type=kind,
-                          metric_value=metrics[f"eval_{kind}"], metric_args=args)
-               for kind, args in (("accuracy", None), ("f1", {"average": "macro"} if len(names) > 2 else None))]
-    found = metrics["calibration"]
-    confidence = found if isinstance(found, str) else (
-        f"calibrated by temperature scaling (T = {found['temperature']}, folded into the classifier); test ECE "
-        f"{found['test_ece_before']} before, {found['test_ece_after']} after")
-    header = ModelCardData(base_model=config["MODEL_NAME"], library_name=library, pipeline_tag="text-classification",
-                           tags=["sentiment-analysis", "lora", "fine_tune_sentiment"], eval_results=results,
-                           model_name=f"{config['MODEL_NAME']} LoRA sentiment")
-    ModelCard(f"""---
-{header.to_yaml()}
+CARD = """---
+{header}
 ---
 
-# LoRA sentiment adapter for `{config['MODEL_NAME']}`
+# LoRA sentiment adapter for `{model}`
 
-Trained by `fine_tune_sentiment.py` on {metrics['date']}: a LoRA adapter plus a fully trained classification head{
-', here merged into the base weights (no peft needed)' if library == 'transformers' else ''}.
+Trained by `fine_tune_sentiment.py` on {date}: a LoRA adapter plus a fully trained classification head{merged}.
 
-- **Labels:** {', '.join(f'{i} = {name}' for i, name in enumerate(names))}
-- **Data:** `{config['DATASET_NAME']}`, {metrics['train_samples']:,} training and \
-{metrics['eval_samples']:,} evaluation rows; reviews longer than {config['MAX_LENGTH']} tokens cut as `{config['TRUNCATION']}`
-- **LoRA:** r={config['LORA_R']}, alpha={config['LORA_ALPHA']}, dropout={config['LORA_DROPOUT']}, targets \
-{metrics['lora_targets']}; {metrics['trainable_params']:,} of {metrics['total_params']:,} parameters trained
-- **Training:** {config['EPOCHS']} epoch(s), batch size {config['BATCH_SIZE']} x {metrics['world_size']} process(es), \
-learning rate {config['LEARNING_RATE']}, precision {metrics['precision']}, on {metrics['device']}
+- **Labels:** {labels}
+- **Data:** `{dataset}`, {train_samples:,} training and {eval_samples:,} evaluation rows; reviews longer than \
+{max_length} tokens cut as `{truncation}`
+- **LoRA:** r={r}, alpha={alpha}, dropout={dropout}, targets {targets}; {trainable:,} of {total:,} parameters trained
+- **Training:** {epochs} epoch(s), batch size {batch_size} x {processes} process(es), learning rate {learning_rate}, \
+precision {precision}, on {device}
 - **Probabilities:** {confidence}
 
-## Evaluation ({metrics['eval_samples']:,} rows, {metrics['date']})
+## Evaluation ({eval_samples:,} rows, {date})
 
 | metric | value |
 |---|---|
@@ -907,14 +826,53 @@ learning rate {config['LEARNING_RATE']}, precision {metrics['precision']}, on {m
 
 ```python
 from transformers import pipeline
-labels = {labels!r}
+labels = {label_maps!r}
 {load}
 classify("This movie was fantastic!")
 ```
 
-`pipeline()` cuts reviews longer than {config['MAX_LENGTH']} tokens at the head only; `predict_sentiment.py
---predict` cuts them as training did (`{config['TRUNCATION']}`).
-""").save(folder / "README.md")
+`pipeline()` cuts reviews longer than {max_length} tokens at the head only; `predict_sentiment.py
+--predict` cuts them as training did (`{truncation}`).
+"""
+LOAD = {"peft": """classify = pipeline("text-classification", model="{where}", model_kwargs=labels)
+# or, with peft's own class:
+from peft import AutoPeftModelForSequenceClassification
+from transformers import AutoTokenizer
+model = AutoPeftModelForSequenceClassification.from_pretrained("{where}", **labels)
+classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained("{where}"))""",
+        "transformers": 'classify = pipeline("text-classification", model="{where}")'}  # how the card loads it
+
+
+def write_card(folder: Path, where: Path, metrics: dict, library: str) -> None:
+    """Replace peft's empty template in folder (to become where) with CARD, filled, and hub metadata."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    config, names = metrics["config"], list(metrics["labels"])
+    results = [EvalResult(task_type="text-classification", task_name="Text Classification", dataset_split="test",
+                          dataset_type=config["DATASET_NAME"], dataset_name=config["DATASET_NAME"], metric_type=kind,
+                          metric_value=metrics[f"eval_{kind}"], metric_args=args)
+               for kind, args in (("accuracy", None), ("f1", {"average": "macro"} if len(names) > 2 else None))]
+    header = ModelCardData(base_model=config["MODEL_NAME"], library_name=library, pipeline_tag="text-classification",
+                           tags=["sentiment-analysis", "lora", "fine_tune_sentiment"], eval_results=results,
+                           model_name=f"{config['MODEL_NAME']} LoRA sentiment")
+    found = metrics["calibration"]
+    fields = dict(
+        header=header.to_yaml(), model=config["MODEL_NAME"], date=metrics["date"], dataset=config["DATASET_NAME"],
+        merged=", here merged into the base weights (no peft needed)" if library == "transformers" else "",
+        labels=", ".join(f"{i} = {name}" for i, name in enumerate(names)), train_samples=metrics["train_samples"],
+        eval_samples=metrics["eval_samples"], max_length=config["MAX_LENGTH"], truncation=config["TRUNCATION"],
+        r=config["LORA_R"], alpha=config["LORA_ALPHA"], dropout=config["LORA_DROPOUT"],
+        targets=metrics["lora_targets"], trainable=metrics["trainable_params"], total=metrics["total_params"],
+        epochs=config["EPOCHS"], batch_size=config["BATCH_SIZE"], processes=metrics["world_size"],
+        learning_rate=config["LEARNING_RATE"], precision=metrics["precision"], device=metrics["device"],
+        confidence=found if isinstance(found, str) else (  # metrics.json: "off", "skipped: ...", or the report
+            f"calibrated by temperature scaling (T = {found['temperature']}, folded into the classifier); test ECE "
+            f"{found['test_ece_before']} before, {found['test_ece_after']} after"),
+        rows="\n".join(f"| {k.removeprefix('eval_')} | {metrics[k]:.4f} |" for k in
+                       ("eval_accuracy", "eval_f1", "eval_precision", "eval_recall", "eval_loss")),
+        label_maps={"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}},
+        load=LOAD[library].format(where=where))
+    ModelCard(CARD.format(**fields)).save(folder / "README.md")
 
 
 def save_plot(history: list, matrix: list, names: list[str], path: Path) -> Path | None:
@@ -949,7 +907,7 @@ def save_plot(history: list, matrix: list, names: list[str], path: Path) -> Path
 # The other modes: a settings search, and the saved adapter at work ----------------------------------------------
 
 
-def run_search(config: dict, args: argparse.Namespace, trials: int) -> dict:
+def run_search(config: dict, args: argparse.Namespace, state, trials: int) -> dict:
     """--search N: N trials of SEARCH_SPACE through Trainer.hyperparameter_search (Optuna), each a fresh model scored
     on the validation split; the study lives in OUTPUT_DIR/search.db, so the same command resumes it. Then the best
     settings train as a normal run, which scores the test split once."""
@@ -957,61 +915,70 @@ def run_search(config: dict, args: argparse.Namespace, trials: int) -> dict:
         raise InputError("--search scores each trial on the validation split; set VALIDATION above 0")
     need_package("optuna", what="--search", requirements="requirements-search.txt")
     import optuna
-    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, set_seed
 
-    run = start_run(config, args)
     signal.signal(signal.SIGTERM, stop)  # like Ctrl-C: the trial in progress is recorded as failed, then exit 130
     optuna.logging.set_verbosity(optuna.logging.WARNING if args.quiet else optuna.logging.INFO)
-    set_seed(config["SEED"])
-    data = load_data(config | {"EPOCHS": max(SEARCH_SPACE["EPOCHS"])})  # every trial is scored on validation
+    run, data, tokenizer = prepare(config, args, state, epochs=max(SEARCH_SPACE["EPOCHS"]))  # validation held out
     if "validation" not in data:
         raise InputError("--search scores each trial on the validation split; set VALIDATION above 0")
-    names = data["train"].features["labels"].names
-    model, tokenizer = load_model(config, names)
-    data = tokenize(data, tokenizer)
-    run.precision, run.speedup = resolve_precision(config["PRECISION"], run.has_gpu, model.config.hidden_size)
     output_dir = Path(config["OUTPUT_DIR"])
     output_dir.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name="search", storage=f"sqlite:///{output_dir / 'search.db'}",
-                                load_if_exists=True, direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=config["SEED"]))
-    for trial in study.get_trials(states=[optuna.trial.TrialState.RUNNING]):  # cut short by an interruption
-        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-    done = len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]))
+    storage = f"sqlite:///{output_dir / 'search.db'}"
+    done = finished_trials(storage)
     if done:
         log.warning(f"Resuming the search in {output_dir / 'search.db'}: {done} of {trials} trials done")
     if done < trials:
-        def model_init(trial):
-            pick = trial_settings(trial) if trial is not None else config
-            return build_model(local_or_hub(config["MODEL_NAME"]), pick["TARGET_MODULES"], pick["LORA_R"],
-                               pick["LORA_ALPHA"], pick["LORA_DROPOUT"], names, config["LORA_VARIANT"])
-
-        arguments = replace(training_arguments(run, output_dir / "search", len(data["train"])), save_strategy="no",
-                            load_best_model_at_end=False, eval_strategy="epoch")  # each trial: validation per epoch
-        trainer = Trainer(model_init=model_init, args=arguments, train_dataset=data["train"],
-                          eval_dataset=data["validation"].sort("length"), compute_metrics=compute_metrics,
-                          data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer)
-        if args.quiet:
-            trainer.remove_callback(PrinterCallback)
-        trainer.hyperparameter_search(direction="maximize", backend="optuna", n_trials=trials - done,
-                                      hp_space=lambda trial: {"learning_rate": trial_settings(trial)["LEARNING_RATE"],
-                                                              "num_train_epochs": trial_settings(trial)["EPOCHS"]},
-                                      compute_objective=trial_score, study_name="search", load_if_exists=True,
-                                      storage=f"sqlite:///{output_dir / 'search.db'}", sampler=study.sampler)
-        shutil.rmtree(output_dir / "search", ignore_errors=True)
-    study = optuna.load_study(study_name="search", storage=f"sqlite:///{output_dir / 'search.db'}")
+        hyperparameter_search(run, data, tokenizer, storage, trials - done)
+    study = optuna.load_study(study_name="search", storage=storage)
     if not study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
         raise InputError(f"every one of the {trials} trials collapsed to one class or failed; see "
                          f"{output_dir / 'search.db'} (remove it to start over)")
     best = trial_settings(study.best_trial)
-    shown = best | {"TARGET_MODULES": best["TARGET_MODULES"] or DEFAULT_TARGETS.get(model.config.model_type)}
+    shown = best | {"TARGET_MODULES": best["TARGET_MODULES"] or DEFAULT_TARGETS.get(run.model_config.model_type)}
     command = "python fine_tune_sentiment.py " + " ".join(
         [shlex.quote(a) for a in drop_flag(args.argv, "--search")] + [
             f"--{k.lower().replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in shown.items()])
     write_search(output_dir / "search.json", study, trials, best, command)
     print(f"Best of {trials} trials (validation accuracy {study.best_value:.4f}): {json.dumps(best)}\n"
           f"Reproduce it with: {command}")
-    return run_training(config | best, args)  # test is scored once, here
+    return run_training(config | best, args, state)  # test is scored once, here
+
+
+def finished_trials(storage: str) -> int:
+    """How many trials of the stored study are complete or pruned (0 without one); trials that an interruption
+    cut short, still marked running, are marked failed."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name="search", storage=storage)
+    except KeyError:  # no study stored yet
+        return 0
+    for trial in study.get_trials(states=[optuna.trial.TrialState.RUNNING]):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]))
+
+
+def hyperparameter_search(run: Run, data: DatasetDict, tokenizer, storage: str, trials: int) -> None:
+    """Run trials more trials of the study in storage (which it creates, or resumes), each a fresh LoRA model."""
+    import optuna
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer
+
+    config, names, folder = run.config, data["train"].features["labels"].names, Path(run.config["OUTPUT_DIR"])
+    arguments = replace(training_arguments(run, folder / "search", len(data["train"])), save_strategy="no",
+                        load_best_model_at_end=False, eval_strategy="epoch")  # each trial: validation per epoch
+    trainer = Trainer(model_init=lambda trial: load_model(config | (trial_settings(trial) if trial else {}),
+                                                          run.model_name, names),
+                      args=arguments, train_dataset=data["train"], eval_dataset=data["validation"].sort("length"),
+                      compute_metrics=compute_metrics, data_collator=DataCollatorWithPadding(tokenizer),
+                      processing_class=tokenizer)
+    if run.quiet:
+        trainer.remove_callback(PrinterCallback)
+    trainer.hyperparameter_search(direction="maximize", backend="optuna", n_trials=trials,
+                                  hp_space=lambda trial: {"learning_rate": trial_settings(trial)["LEARNING_RATE"],
+                                                          "num_train_epochs": trial_settings(trial)["EPOCHS"]},
+                                  compute_objective=trial_score, study_name="search", load_if_exists=True,
+                                  storage=storage, sampler=optuna.samplers.TPESampler(seed=config["SEED"]))
+    shutil.rmtree(folder / "search", ignore_errors=True)
 
 
 def stop(signum, frame):
@@ -1132,48 +1099,55 @@ def eval_batch_size(config: dict) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse flags, then train (default), search, evaluate, export, or hand an inference mode to predict_sentiment;
-    return the exit code."""
+    """Parse flags, then train (default), search, evaluate or export; return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    elsewhere = inference_command(argv)
+    if elsewhere:
+        print(f"error: {elsewhere}", file=sys.stderr)
+        return 2
     config, args = parse_args(argv)
-    modes = inference.modes_of(args) + [flag for flag, on in (("--eval-only", args.eval_only), ("--export-onnx",
-                                                               args.export_onnx), ("--search", args.search)) if on]
-    if inference.modes_of(args) and len(modes) == 1 and rank_and_world()[1] == 1:  # one command line, either file
-        inference.setup_logging(args.quiet)
-        forwarded = {name: getattr(args, name) for name in inference.SETTINGS} | {
-            "BATCH_SIZE": eval_batch_size(config)}  # this file's BATCH_SIZE trains; inference runs twice as many
-        return inference.exit_code(lambda: inference.check_and_run(forwarded, args), args.debug)
-    setup_logging(args.quiet, transformers=not (args.eval_only and config["RUNTIME"] != "torch"))
-    return inference.exit_code(lambda: run_mode(config, args, modes), args.debug, report=is_main())  # one message:
-    # the other processes meet the same input
+    state = None
+    try:
+        modes = [flag for flag, on in (("--eval-only", args.eval_only), ("--export-onnx", args.export_onnx),
+                                       ("--search", args.search)) if on]
+        if modes and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise InputError(f"{modes[0]} runs in one process; run it with python, not torchrun")
+        if len(modes) > 1:
+            raise InputError(f"{' and '.join(modes)} are separate modes; run one at a time")
+        state = None if args.eval_only or args.export_onnx else join_processes()
+        setup_logging(args.quiet, state is None or state.is_main_process,
+                      transformers=not (args.eval_only and config["RUNTIME"] != "torch"))
+        run_mode(config, args, state)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except InputError as error:
+        if args.debug:
+            raise
+        if state is None or state.is_main_process:  # one message: the other processes meet the same input
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
 
-def run_mode(config: dict, args: argparse.Namespace, modes: list[str]) -> None:
-    """Refuse flags that do not go together, then run the one mode asked for, or train."""
-    if modes and rank_and_world()[1] > 1:
-        raise InputError(f"{modes[0]} runs in one process; run it with python, not torchrun")
-    if len(modes) > 1:
-        raise InputError(f"{' and '.join(modes)} are separate modes; run one at a time")
-    if args.predictions and not args.predict_file:
-        raise InputError("--predictions names the output of --predict-file; pass --predict-file IN too")
+def run_mode(config: dict, args: argparse.Namespace, state) -> None:
+    """Run the one mode asked for, or train."""
     if args.eval_only:
         run_eval_only(config, args.quiet)
     elif args.export_onnx:
         run_export_onnx(config)
     elif args.search:
-        run_search(config, args, args.search)
+        run_search(config, args, state, args.search)
     else:
-        run_training(config, args)
-        leave_processes()
+        with waits_said(state):
+            run_training(config, args, state)
+            leave_processes(state)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]:
-    """One flag per setting of both files' constants blocks, and the mode flags; return (settings, run options)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage="%(prog)s [--SETTING VALUE ...] [--predict TEXT ...] (see --help)",
-                                     allow_abbrev=False)
-    add_settings(parser, sys.modules[__name__])
-    add_settings(parser, inference, skip=SETTINGS)  # the server's and Ray's settings, for the forwarded modes
-    add_mode_flags(parser)
+def parse_args(argv: list[str]) -> tuple[dict, argparse.Namespace]:
+    """One flag per setting of the constants block, and the mode flags; return (settings, run options)."""
+    parser = settings_parser(sys.modules[__name__], usage="%(prog)s [--SETTING VALUE ...] [--eval-only | "
+                             "--export-onnx | --search N] (see --help)")
     parser.add_argument("--eval-only", action="store_true", help="evaluate OUTPUT_DIR/adapter on DATASET_NAME (its "
                         "test split, or a whole data file) into OUTPUT_DIR/eval_metrics.json, without training")
     parser.add_argument("--export-onnx", action="store_true", help="export OUTPUT_DIR/adapter to OUTPUT_DIR/onnx/ "
@@ -1182,8 +1156,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]
                         "scored on the validation split, then train the best; OUTPUT_DIR/search.db resumes it")
     parser.add_argument("--fresh", action="store_true", help="ignore checkpoints of an interrupted run; start over")
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # --search prints the command that reproduces its best
+    args.argv = argv  # --search prints the command that reproduces its best
     return {name: getattr(args, name) for name in SETTINGS}, args
+
+
+def inference_command(argv: list[str]) -> str | None:
+    """Where argv holds one of predict_sentiment.py's mode flags, a line naming the command to run instead."""
+    flag = next((a.split("=")[0] for a in argv if a.split("=")[0] in INFERENCE_FLAGS), None)
+    if flag is None:
+        return None
+    known, keep, kept = inference.build_parser()._option_string_actions, False, []
+    for arg in argv:
+        if arg.startswith("--"):
+            keep = arg.split("=")[0] in known  # its value (or values) follow it
+        if keep:
+            kept.append(arg)
+    return f"{flag} is predict_sentiment.py's: python predict_sentiment.py {shlex.join(kept)}"
 
 
 def apply_preset(config: dict, has_gpu: bool) -> str:
@@ -1195,14 +1183,13 @@ def apply_preset(config: dict, has_gpu: bool) -> str:
     return preset
 
 
-def setup_logging(quiet: bool, transformers: bool = True) -> None:
+def setup_logging(quiet: bool, main_process: bool = True, transformers: bool = True) -> None:
     """Our messages go to stderr plainly; the libraries' routine chatter is turned down at the source."""
     import datasets
 
     logging.basicConfig(format="%(message)s", stream=sys.stderr, force=True)
-    main = is_main()
-    quiet = quiet or not main  # under torchrun only the main process reports; the others show only errors
-    log.setLevel(logging.ERROR if not main else logging.WARNING if quiet else logging.INFO)
+    quiet = quiet or not main_process  # under torchrun only the main process reports; the others show only errors
+    log.setLevel(logging.ERROR if not main_process else logging.WARNING if quiet else logging.INFO)
     if quiet:
         datasets.disable_progress_bars()
     if transformers:  # the ONNX runtime never imports it (~5 s)
@@ -1230,82 +1217,48 @@ def print_metrics(metrics: dict) -> None:
         print(f"confusion_matrix: {json.dumps(metrics['confusion_matrix'])}")
 
 
-def resolve_precision(requested: str, has_gpu: bool, width: int) -> tuple[str, float | None]:
-    """predict_sentiment's choice of precision; under torchrun the main process runs the probe and shares it."""
-    return inference.resolve_precision(requested, has_gpu, width,
-                                       lambda probe: from_main(probe() if is_main() else None))
+def resolve_precision(state, requested: str, has_gpu: bool, width: int) -> tuple[str, float | None]:
+    """Choose PRECISION for this hardware; where a CPU's bf16 speed needs measuring, the main process measures it and
+    shares the number, so every process decides alike. Return (precision, measured bf16 speedup or None)."""
+    from accelerate.utils import broadcast_object_list
+
+    speedup = None
+    if inference.bf16_probe_needed(requested, has_gpu):
+        speedup = broadcast_object_list([inference.bf16_speedup(width) if state.is_main_process else None])[0]
+    return inference.settle_precision(requested, has_gpu, speedup), speedup
 
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes; torchrun and accelerate launch set both, else 0 and 1."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def is_main() -> bool:
-    """True in the process that prints and saves: the only one, or rank 0 under torchrun."""
-    return rank_and_world()[0] == 0
-
-
-def join_processes(has_gpu: bool) -> str | None:
-    """Under torchrun, join the process group (NCCL on GPUs, gloo on CPU) and share the cores; return the backend."""
+def join_processes():
+    """accelerate's PartialState; under torchrun it joins the process group (NCCL on GPUs, gloo on CPU)."""
     import torch
     from accelerate import PartialState
 
-    if "LOCAL_RANK" not in os.environ:  # a plain python run; torchrun sets it, also for one process
-        return None
-    PartialState(cpu=not has_gpu)  # what the Trainer does later; done now so data preparation can take turns
-    if not has_gpu:  # torchrun gives each process 1 thread; a process should get its share of the cores
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    return torch.distributed.get_backend()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 @contextmanager
-def main_process_first():
-    """Run the block on the main process first (it writes the caches), then on the others (they read them)."""
-    import torch.distributed as dist
-
-    together, main = dist.is_available() and dist.is_initialized(), is_main()
-    if together and not main:
-        barrier()
-    yield
-    if together and main:
-        barrier()
-
-
-def leave_processes() -> None:
-    """Under torchrun, wait for every process (the main one saves last), then close the process group: a process
-    that exits while the others still use the group can abort in its teardown."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    barrier()
-    dist.destroy_process_group()
-
-
-def barrier() -> None:
-    """Wait for every process. One that failed has printed why (torchrun then ends the rest); a timeout says so."""
+def waits_said(state):
+    """A process that waits for the others in vain ends with exit code 1: after one line where it timed out; quietly
+    where another one failed, which has printed why (torchrun then ends the rest)."""
     import torch.distributed as dist
 
     try:
-        dist.barrier()
-    except RuntimeError as error:  # gloo and NCCL raise DistBackendError, a RuntimeError
+        yield
+    except RuntimeError as error:  # from gloo or NCCL: some are DistErrors, a lost peer's is a plain RuntimeError
+        if not (isinstance(error, dist.DistError) or re.search(r"\bgloo\b|\bnccl\b", str(error), re.I)):
+            raise
         if re.search(r"time[d ]?\s?out", str(error), re.I):
-            print(f"error: process {rank_and_world()[0]} timed out waiting for the other processes "
+            print(f"error: process {state.process_index} timed out waiting for the other processes "
                   f"({one_line(error)}); one of them is stuck or stopped without an error", file=sys.stderr)
         raise SystemExit(1) from None
 
 
-def from_main(value):
-    """Under torchrun, every process takes the main process's value, so they all decide alike."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def leave_processes(state) -> None:
+    """Under torchrun, wait for every process (the main one saves last), then close the process group: a process
+    that exits while the others still use the group can abort in its teardown."""
+    if state.use_distributed:
+        state.wait_for_everyone()
+        state.destroy_process_group()
 
 
 def check_source(name: str, what: str) -> None:

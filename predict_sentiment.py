@@ -12,6 +12,7 @@ RUNTIME onnx or onnx-int8, which need neither torch nor transformers). To deploy
 from __future__ import annotations
 
 import argparse
+import asyncio
 import glob
 import itertools
 import json
@@ -22,6 +23,7 @@ import re
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,13 +48,13 @@ SETTINGS = list(__annotations__)  # the annotated names above are the settings; 
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}  # the names of an adapter saved without its own
 CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "RUNTIME": ("torch", "onnx", "onnx-int8")}
 POSITIVE = ("BATCH_SIZE", "PORT", "MAX_TEXTS", "MAX_BODY_KB")  # settings that must be above 0
+FRACTIONS = ()  # settings that must be below 1
 FAST_BF16 = 1.3  # auto picks bf16 on a CPU only where its matmuls measured at least this much faster than fp32
 PREDICT_FILE_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")  # --predict-file reads these
 PREDICTIONS_FILE_TYPES = (".csv", ".jsonl", ".parquet")  # and writes these
 OUTPUT_TYPE = {".tsv": ".csv", ".txt": ".csv", ".json": ".jsonl"}  # in a folder, files of these types become these
 CHUNK_ROWS = 10_000  # --predict-file reads, scores and writes this many rows at a time
 DELIMITER = {".csv": ",", ".tsv": "\t"}
-DATA_FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 log = logging.getLogger("sentiment")
 
 
@@ -321,25 +323,17 @@ def print_predictions(texts: list[str], predictions: list[tuple[str, float]]) ->
 def score_file(loaded: tuple, source: Path, target: Path, column: str, batch_size: int, quiet: bool) -> None:
     """Score every row of source into target (every input column kept, plus the prediction), streaming in chunks;
     target is written under a temporary name and takes its own only when complete."""
-    import pandas as pd
-
-    model, tokenizer, precision = loaded
     tmp, rows, empty, started = target.with_name(f".{target.name}.tmp"), 0, 0, time.perf_counter()
     bar = None if quiet else progress_bar(source)
     try:
         with open_writer(tmp, target.suffix.lower()) as write:
             for chunk in read_chunks(source, column):  # a row that cannot be read or written: InputError
-                usable = [isinstance(t, str) and bool(t.strip()) for t in chunk[column]]
-                texts = list(chunk[column][usable])
-                scored = iter(predict(model, tokenizer, texts, batch_size, precision))
-                pairs = [next(scored) if ok else (None, None) for ok in usable]  # typed: a chunk may be all empty
+                scored, without_text = predict_column(loaded, chunk, column, batch_size)
                 try:
-                    write(chunk.assign(
-                        predicted_label=pd.Series([p[0] for p in pairs], dtype="string", index=chunk.index),
-                        predicted_score=pd.Series([p[1] for p in pairs], dtype="float64", index=chunk.index)))
+                    write(scored)
                 except InputError as error:
                     raise InputError(f"{str(source)!r}, rows {rows + 1}-{rows + len(chunk)}: {error}") from error
-                rows, empty = rows + len(chunk), empty + usable.count(False)
+                rows, empty = rows + len(chunk), empty + without_text
                 if bar is not None:
                     bar.update(len(chunk))
         os.replace(tmp, target)  # only a complete file takes the name; an earlier one stays until then
@@ -352,6 +346,20 @@ def score_file(loaded: tuple, source: Path, target: Path, column: str, batch_siz
                     f"predicted_score are empty")
     seconds = time.perf_counter() - started
     print(f"Scored {rows} rows in {seconds:.1f}s ({rows / max(seconds, 1e-9):.0f} rows/s): {target}")
+
+
+def predict_column(loaded: tuple, frame, column: str, batch_size: int):
+    """frame with predicted_label and predicted_score for the texts in its column, and the number of rows without
+    text (whose two are empty); loaded: (model, tokenizer, precision)."""
+    import pandas as pd
+
+    model, tokenizer, precision = loaded
+    usable = [isinstance(t, str) and bool(t.strip()) for t in frame[column]]
+    scored = iter(predict(model, tokenizer, list(frame[column][usable]), batch_size, precision))
+    pairs = [next(scored) if ok else (None, None) for ok in usable]  # typed: a chunk may be all empty
+    return frame.assign(predicted_label=pd.Series([p[0] for p in pairs], dtype="string", index=frame.index),
+                        predicted_score=pd.Series([p[1] for p in pairs], dtype="float64", index=frame.index)
+                        ), usable.count(False)
 
 
 def progress_bar(source: Path):
@@ -479,40 +487,48 @@ def file_chunks(path: Path, text_column: str, rows: int):
                 yield pd.DataFrame({text_column: chunk})
 
 
-@contextmanager
 def open_writer(path: Path, kind: str):
-    """Yield write(frame), which appends rows to path as csv, jsonl or parquet (kind); close it at the end."""
-    if kind == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    """A context that yields write(frame), which appends rows to path as csv, jsonl or parquet (kind)."""
+    return parquet_writer(path) if kind == ".parquet" else text_writer(path, kind)
 
-        writer = None
 
-        def write(frame):
-            nonlocal writer
-            try:
-                table = pa.Table.from_pandas(frame, preserve_index=False)
-            except (pa.ArrowInvalid, pa.ArrowTypeError) as error:  # one column holding numbers and text
-                raise InputError(f"{one_line(error)}; write --predictions as .csv or .jsonl") from error
-            if writer is None:  # a column empty in the first rows may hold text later: string, not null
-                writer = pq.ParquetWriter(path, pa.schema(
-                    [f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]))
-            columns = []
-            for field in writer.schema:  # a file's types may change after its first rows (jsonl)
-                try:
-                    columns.append(table.column(field.name).cast(field.type))
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as error:
-                    raise InputError(f"column {field.name!r} was {field.type} in the first rows and is "
-                                     f"{table.column(field.name).type} here ({one_line(error)}); write "
-                                     f"--predictions as .csv or .jsonl") from error
-            writer.write_table(pa.Table.from_arrays(columns, schema=writer.schema))
+@contextmanager
+def parquet_writer(path: Path):
+    """Yield write(frame), which appends rows to a parquet file; the first rows set the column types."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    writer = None
+
+    def write(frame):
+        nonlocal writer
         try:
-            yield write
-        finally:
-            if writer:
-                writer.close()
-        return
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as error:  # one column holding numbers and text
+            raise InputError(f"{one_line(error)}; write --predictions as .csv or .jsonl") from error
+        if writer is None:  # a column empty in the first rows may hold text later: string, not null
+            writer = pq.ParquetWriter(path, pa.schema(
+                [f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in table.schema]))
+        columns = []
+        for field in writer.schema:  # a file's types may change after its first rows (jsonl)
+            try:
+                columns.append(table.column(field.name).cast(field.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as error:
+                raise InputError(f"column {field.name!r} was {field.type} in the first rows and is "
+                                 f"{table.column(field.name).type} here ({one_line(error)}); write "
+                                 f"--predictions as .csv or .jsonl") from error
+        writer.write_table(pa.Table.from_arrays(columns, schema=writer.schema))
+
+    try:
+        yield write
+    finally:
+        if writer:
+            writer.close()
+
+
+@contextmanager
+def text_writer(path: Path, kind: str):
+    """Yield write(frame), which appends rows to a csv (header first) or jsonl file."""
     with open(path, "w", encoding="utf-8", newline="") as out:
         def write(frame):
             if kind == ".csv":
@@ -526,50 +542,70 @@ def open_writer(path: Path, kind: str):
 # The HTTP service -------------------------------------------------------------------------------------------------
 
 
-def build_app(score, names: list[str], config: dict):
-    """A FastAPI app: POST /predict batches the texts of concurrent requests (up to BATCH_SIZE, waiting at most
-    MAX_WAIT_MS) and runs score(texts) -> logits in a worker thread, so /health answers during a long batch."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-    from contextlib import asynccontextmanager
+class MicroBatcher:
+    """Gathers the texts of concurrent callers into batches of up to max_batch, waiting at most max_wait_s for a
+    batch to fill (LitServe's max_batch_size and batch_timeout), and runs score(texts) -> one row per text in one
+    worker thread, so the event loop stays free while a batch runs. Use it as `async with`, then submit()."""
 
-    from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, PlainTextResponse
-    from starlette.exceptions import HTTPException
+    def __init__(self, score, max_batch: int, max_wait_s: float):
+        self.score, self.max_batch, self.max_wait_s = score, max_batch, max_wait_s
+        self.batches, self.queue, self.task, self.thread = 0, None, None, None
 
-    queue, model_thread = asyncio.Queue(), ThreadPoolExecutor(1)  # one thread: batches run one after another
-    stats = {"requests": 0, "errors": 0, "rows": 0, "batches": 0, "latency_seconds": 0.0}
+    async def __aenter__(self) -> None:  # None: it also serves as a Starlette lifespan, which yields no state
+        self.queue, self.thread = asyncio.Queue(), ThreadPoolExecutor(1)  # one thread: batches run one at a time
+        self.task = asyncio.create_task(self.run())
 
-    async def batcher() -> None:
-        """Take waiting texts, up to BATCH_SIZE and MAX_WAIT_MS; score them off the event loop; answer each."""
+    async def __aexit__(self, *exc) -> None:
+        self.task.cancel()
+        self.thread.shutdown(wait=False)
+
+    async def submit(self, texts: list[str]) -> list:
+        """score()'s row for each text, in order; an error of its batch is raised here."""
+        loop = asyncio.get_running_loop()
+        answers = [loop.create_future() for _ in texts]
+        for pair in zip(texts, answers):
+            self.queue.put_nowait(pair)
+        return list(await asyncio.gather(*answers))
+
+    async def run(self) -> None:
+        """Forever: take the next batch, score it off the event loop, answer each waiting text."""
         loop = asyncio.get_running_loop()
         while True:
-            items = [await queue.get()]
-            deadline = loop.time() + config["MAX_WAIT_MS"] / 1000
-            while len(items) < config["BATCH_SIZE"] and (queue.qsize() or loop.time() < deadline):
-                try:
-                    items.append(queue.get_nowait() if queue.qsize() else
-                                 await asyncio.wait_for(queue.get(), deadline - loop.time()))
-                except asyncio.TimeoutError:
-                    break
-            live = [(text, answer) for text, answer in items if not answer.done()]  # a client may have gone
+            live = [(text, answer) for text, answer in await self.next_batch() if not answer.done()]  # gone: skip
             try:
-                found = await loop.run_in_executor(model_thread, score, [text for text, _ in live])
-            except Exception as error:  # noqa: BLE001  each waiting request answers 500; the server stays up
+                found = await loop.run_in_executor(self.thread, self.score, [text for text, _ in live])
+            except Exception as error:  # noqa: BLE001  each waiting caller gets it; the batcher goes on
                 found = [error] * len(live)
-            stats["batches"] += 1
+            self.batches += 1
             for (_, answer), row in zip(live, found):
                 if not answer.done():
                     answer.set_exception(row) if isinstance(row, Exception) else answer.set_result(row)
 
-    @asynccontextmanager
-    async def lifespan(app):
-        task = asyncio.create_task(batcher())
-        yield
-        task.cancel()
-        model_thread.shutdown(wait=False)
+    async def next_batch(self) -> list:
+        """The waiting (text, answer) pairs, at least one: up to max_batch, or what came within max_wait_s."""
+        loop = asyncio.get_running_loop()
+        items = [await self.queue.get()]
+        deadline = loop.time() + self.max_wait_s
+        while len(items) < self.max_batch and (self.queue.qsize() or loop.time() < deadline):
+            try:
+                items.append(self.queue.get_nowait() if self.queue.qsize() else
+                             await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
+            except asyncio.TimeoutError:
+                break
+        return items
 
-    app = FastAPI(title="Sentiment", lifespan=lifespan)
+
+def build_app(score, names: list[str], config: dict):
+    """A FastAPI app: POST /predict scores texts with score(texts) -> logits, batched across concurrent requests by a
+    MicroBatcher (BATCH_SIZE, MAX_WAIT_MS); GET /health answers during a long batch; GET /metrics counts."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from starlette.exceptions import HTTPException
+
+    batcher = MicroBatcher(score, config["BATCH_SIZE"], config["MAX_WAIT_MS"] / 1000)
+    counts = {"requests": 0, "errors": 0, "rows": 0, "latency_seconds": 0.0}
+
+    app = FastAPI(title="Sentiment", lifespan=lambda app: batcher)  # it batches while the app runs
 
     @app.exception_handler(HTTPException)
     async def http_error(request, error: HTTPException):  # 404, 405: the same {"error": ...} shape as ours
@@ -577,7 +613,7 @@ def build_app(score, names: list[str], config: dict):
 
     @app.exception_handler(Exception)
     async def internal_error(request, error: Exception):
-        stats["errors"] += 1
+        counts["errors"] += 1
         log.error(f"error: {request.url.path}: {one_line(error)}")
         return JSONResponse({"error": f"internal error: {one_line(error)}"}, status_code=500)
 
@@ -586,13 +622,9 @@ def build_app(score, names: list[str], config: dict):
         texts = await read_texts(request, config)
         if isinstance(texts, JSONResponse):
             return texts
-        loop = asyncio.get_running_loop()
-        answers = [loop.create_future() for _ in texts]
-        for text, answer in zip(texts, answers):
-            queue.put_nowait((text, answer))
-        found = softmax(np.stack(await asyncio.gather(*answers))) if texts else np.zeros((0, len(names)))
-        stats["requests"], stats["rows"] = stats["requests"] + 1, stats["rows"] + len(texts)
-        stats["latency_seconds"] += time.perf_counter() - started
+        found = softmax(np.stack(await batcher.submit(texts))) if texts else np.zeros((0, len(names)))
+        for key, value in (("requests", 1), ("rows", len(texts)), ("latency_seconds", time.perf_counter() - started)):
+            counts[key] += value
         return JSONResponse({"predictions": [{"label": names[int(p.argmax())], "score": float(p.max()),
                                               "scores": dict(zip(names, map(float, p)))} for p in found]})
 
@@ -602,7 +634,8 @@ def build_app(score, names: list[str], config: dict):
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse("".join(f"sentiment_{key}_total {value}\n" for key, value in stats.items()))
+        return PlainTextResponse("".join(f"sentiment_{key}_total {value}\n" for key, value in (
+            counts | {"batches": batcher.batches}).items()))
 
     app.add_route("/predict", predict_route, methods=["POST"])
     return app
@@ -675,14 +708,11 @@ class RayScorer:
         folder = Path(tempfile.mkdtemp(prefix="sentiment-onnx-"))
         for name, data in shipped.items():
             (folder / name).write_bytes(data)
-        self.model, self.tokenizer = load_onnx(folder, int8="model_int8.onnx" in shipped, threads=1)  # 1 CPU each
-        self.column, self.batch_size = column, batch_size
+        model, tokenizer = load_onnx(folder, int8="model_int8.onnx" in shipped, threads=1)  # 1 CPU each
+        self.loaded, self.column, self.batch_size = (model, tokenizer, "onnx"), column, batch_size
 
     def __call__(self, frame):
-        usable = [isinstance(t, str) and bool(t.strip()) for t in frame[self.column]]
-        scored = iter(predict(self.model, self.tokenizer, list(frame[self.column][usable]), self.batch_size))
-        pairs = [next(scored) if ok else (None, None) for ok in usable]
-        return frame.assign(predicted_label=[p[0] for p in pairs], predicted_score=[p[1] for p in pairs])
+        return predict_column(self.loaded, frame, self.column, self.batch_size)[0]
 
 
 # The machinery: flags, precision, errors --------------------------------------------------------------------------
@@ -694,51 +724,32 @@ class InputError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, run the mode they ask for; return the exit code."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    add_settings(parser, sys.modules[__name__])
-    add_mode_flags(parser)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     setup_logging(args.quiet)
-    return exit_code(lambda: check_and_run({name: getattr(args, name) for name in SETTINGS}, args), args.debug)
-
-
-def check_and_run(config: dict, args: argparse.Namespace) -> None:
-    """Refuse flags that do not go together, then run the one mode asked for."""
-    modes = modes_of(args)
-    if len(modes) > 1:
-        raise InputError(f"{' and '.join(modes)} are separate modes; run one at a time")
-    if not modes:
-        raise InputError("pass --predict TEXT, --predict-file IN, --serve or --ray (see --help)")
-    if args.predictions and not args.predict_file:
-        raise InputError("--predictions names the output of --predict-file; pass --predict-file IN too")
-    run_mode(config, args)
-
-
-def modes_of(args: argparse.Namespace) -> list[str]:
-    """The mode flags given (--ray takes --predict-file as its input, so that pair is one mode)."""
-    return [flag for flag, on in (("--predict", args.predict), ("--predict-file", args.predict_file and not args.ray),
-                                  ("--serve", args.serve), ("--ray", args.ray)) if on]
-
-
-def exit_code(run, debug: bool, report: bool = True) -> int:
-    """Call run(): 0 when it returns, 130 on Ctrl-C, 2 on an InputError, printed as one line (where report)."""
     try:
-        run()
+        modes = [flag for flag, on in (("--predict", args.predict), ("--predict-file", args.predict_file and not
+                                       args.ray), ("--serve", args.serve), ("--ray", args.ray)) if on]
+        if len(modes) > 1:  # --ray takes --predict-file as its input, so that pair is one mode
+            raise InputError(f"{' and '.join(modes)} are separate modes; run one at a time")
+        if not modes:
+            raise InputError("pass --predict TEXT, --predict-file IN, --serve or --ray (see --help)")
+        if args.predictions and not args.predict_file:
+            raise InputError("--predictions names the output of --predict-file; pass --predict-file IN too")
+        run_mode({name: getattr(args, name) for name in SETTINGS}, args)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except InputError as error:
-        if debug:
+        if args.debug:
             raise
-        if report:
-            print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
-def add_mode_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags that pick a mode; fine_tune_sentiment.py takes them too and hands them to run_mode."""
+def build_parser() -> argparse.ArgumentParser:
+    """The settings' flags and the mode flags."""
+    parser = settings_parser(sys.modules[__name__])
     parser.add_argument("--predict", nargs="+", metavar="TEXT", help="classify TEXT with the saved model; '-' reads "
                         "one review per line from stdin")
     parser.add_argument("--predict-file", metavar="IN", help="score every row of IN (.csv .tsv .jsonl .json .parquet "
@@ -750,16 +761,25 @@ def add_mode_flags(parser: argparse.ArgumentParser) -> None:
                         "HOST:PORT (needs requirements-serve.txt)")
     parser.add_argument("--ray", action="store_true", help="score --predict-file's files with Ray Data into a "
                         "parquet folder (needs requirements-ray.txt and an onnx runtime)")
+    return parser
+
+
+def settings_parser(module, usage: str | None = None) -> argparse.ArgumentParser:
+    """A parser with one flag per setting of module's constants block, and --quiet and --debug; both files' CLIs
+    start from it."""
+    parser = argparse.ArgumentParser(description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage=usage, allow_abbrev=False)
+    add_settings(parser, module)
     parser.add_argument("--quiet", action="store_true", help="print only the results")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return parser
 
 
-def add_settings(parser: argparse.ArgumentParser, module, skip: tuple = ()) -> None:
-    """One flag per setting of module's constants block, its help taken from the trailing comment."""
+def add_settings(parser: argparse.ArgumentParser, module) -> None:
+    """One flag per setting of module's constants block, its help taken from the trailing comment; the module names
+    its settings' CHOICES, and which are POSITIVE (above 0) and FRACTIONS (below 1)."""
     comments = dict(re.findall(r"^([A-Z_]+):.*?#\s*(.+)$", Path(module.__file__).read_text(), re.M))
     for name in module.SETTINGS:
-        if name in skip:
-            continue
         kind, default = str(module.__annotations__[name]), getattr(module, name)  # the annotation is text
         flag = "--" + name.lower().replace("_", "-")
         helptext = f"{comments.get(name, '')} (default: {default!r})".replace("%", "%%")
@@ -769,12 +789,13 @@ def add_settings(parser: argparse.ArgumentParser, module, skip: tuple = ()) -> N
             parser.add_argument(flag, dest=name, nargs="+", default=default, metavar="TEXT", help=helptext)
         else:
             parser.add_argument(flag, dest=name, default=default, help=helptext,
-                                type=value_parser(name, kind, module.CHOICES, module.POSITIVE))
+                                type=value_parser(name, kind, module))
 
 
-def value_parser(name: str, kind: str, choices: dict, positive: tuple) -> callable:
+def value_parser(name: str, kind: str, module) -> callable:
     """An argparse type that checks a flag value against the setting's type and range."""
     base = int if "int" in kind else float if "float" in kind else str
+    choices = module.CHOICES
 
     def parse(text: str):
         if "None" in kind and text.lower() in ("none", "auto"):
@@ -789,9 +810,9 @@ def value_parser(name: str, kind: str, choices: dict, positive: tuple) -> callab
             raise argparse.ArgumentTypeError(f"expected {base.__name__}, got {text!r}") from None
         if base is not str and (value < 0 or not np.isfinite(value)):
             raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
-        if name in positive and value == 0:
+        if name in module.POSITIVE and value == 0:
             raise argparse.ArgumentTypeError("must be greater than 0")
-        if name.endswith(("WARMUP", "DROPOUT", "VALIDATION")) and value >= 1:  # fractions
+        if name in module.FRACTIONS and value >= 1:
             raise argparse.ArgumentTypeError(f"must be below 1, got {text!r}")
         return value
 
@@ -821,7 +842,8 @@ def bf16_speedup(width: int, seconds: float = 0.2) -> float:
     import torch
 
     width = max(width, 256)  # at a tiny test model's width the timing would be all overhead
-    x, w = torch.randn(128, width), torch.randn(width, width)
+    draw = torch.Generator().manual_seed(0)  # its own: the probe leaves the seeded stream (LoRA's init) alone
+    x, w = torch.randn(128, width, generator=draw), torch.randn(width, width, generator=draw)
 
     def seconds_per_call(dtype) -> float:
         a, b = x.to(dtype), w.to(dtype)
@@ -850,25 +872,34 @@ def choose_precision(requested: str, has_gpu: bool, gpu_has_bf16: bool = False, 
     return "bf16" if requested == "bf16" or (requested == "auto" and fast) else "fp32"
 
 
-def resolve_precision(requested: str, has_gpu: bool, width: int, share=lambda measure: measure()
-                      ) -> tuple[str, float | None]:
-    """Measure what the hardware needs measured, then choose; return (precision, measured bf16 speedup or None).
-    share(measure) gives every process one answer under torchrun: training measures on the main one only."""
+def resolve_precision(requested: str, has_gpu: bool, width: int) -> tuple[str, float | None]:
+    """Measure what the hardware needs measured, then choose; return (precision, measured bf16 speedup or None)."""
+    speedup = bf16_speedup(width) if bf16_probe_needed(requested, has_gpu) else None
+    return settle_precision(requested, has_gpu, speedup), speedup
+
+
+def bf16_probe_needed(requested: str, has_gpu: bool) -> bool:
+    """Whether choosing needs bf16's speed measured: auto or bf16 asked for, on a CPU that may have it fast."""
+    return not has_gpu and requested in ("auto", "bf16") and cpu_may_have_fast_bf16()
+
+
+def settle_precision(requested: str, has_gpu: bool, speedup: float | None) -> str:
+    """choose_precision on this machine, given the measured bf16 speedup (or None), logged with its reason; on a GPU
+    fp32 matmuls may use tensor cores (TF32)."""
     import torch
 
-    speedup, note = None, ""
+    note = ""
     if has_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # fp32 matmuls on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         precision = choose_precision(requested, True, torch.cuda.is_bf16_supported())
     else:
-        if requested in ("auto", "bf16") and not cpu_may_have_fast_bf16():
-            note = "; no avx512_bf16 or amx_bf16 in this CPU's flags, so bf16 was not timed"
-        elif requested in ("auto", "bf16"):
-            speedup = share(lambda: bf16_speedup(width))
+        if speedup is not None:
             note = f"; bf16 matmuls ran {speedup:.2f}x as fast as fp32 on this CPU"
+        elif requested in ("auto", "bf16"):
+            note = "; no avx512_bf16 or amx_bf16 in this CPU's flags, so bf16 was not timed"
         precision = choose_precision(requested, False, speedup=speedup)
     log.info(f"Precision: {precision} ({requested}{note})")
-    return precision, speedup
+    return precision
 
 
 def one_line(error: BaseException) -> str:

@@ -1,7 +1,7 @@
 """What one training step costs: full fine-tuning against LoRA (query value, all-linear) and its dropout.
 
-"peft's" rows run the step as torch and peft do; the others as fine_tune_sentiment.py does (make_steps_cheaper:
-dropout masks from 16 random bits an element, one mask for query, key and value; each LoRA layer in one autograd
+"peft's" rows run the step as torch and peft do (FAST_STEP off); the others as fine_tune_sentiment.py does (FAST_STEP,
+fast_lora.py: dropout masks from 16 random bits an element, one mask for query, key and value; each LoRA layer in one autograd
 function). Full fine-tuning (the HF guide's) keeps torch's dropout, and is also shown with the cheap one.
 
 A synthetic batch of 32 x 40 tokens through the packaged all-MiniLM-L6-v2 (BERT, 22.7M weights): forward, backward
@@ -50,16 +50,16 @@ def step_times(name: str, precision: str, steps: int, profile: bool = False) -> 
     model_dir, _ = ensure_packages()
     targets, dropout, torch_dropout = VARIANTS[name]
     torch.manual_seed(0)
-    if torch_dropout:  # as torch and peft run it; else with fine_tune_sentiment's make_steps_cheaper
-        fts.make_steps_cheaper = lambda model: None
     if targets is None:
         from transformers import AutoModelForSequenceClassification
 
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
         if not torch_dropout:
-            fts.make_steps_cheaper(model)
-    else:
-        model = fts.build_model(str(model_dir), targets, 8, 16, dropout)
+            import fast_lora
+
+            fast_lora.apply(model)  # no LoRA layers: the cheap dropout alone
+    else:  # torch_dropout: as torch and peft run it (FAST_STEP off)
+        model = fts.build_model(str(model_dir), targets, 8, 16, dropout, fast_step=not torch_dropout)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
     batch = {"input_ids": torch.randint(1000, 20000, (BATCH, TOKENS)), "attention_mask": torch.ones(BATCH, TOKENS,

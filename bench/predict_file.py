@@ -49,9 +49,9 @@ def main() -> None:
     for rows in args.rows:
         source = work / f"in-{rows}.csv"
         pd.concat([sentences] * (rows // len(sentences) + 1))[:rows].to_csv(source, index=False)
-        out, peak = run([sys.executable, "fine_tune_sentiment.py", "--output-dir", args.run, "--predict-file",
+        out, peak = run([sys.executable, "predict_sentiment.py", "--output-dir", args.run, "--predict-file",
                          str(source), "--predictions", str(work / f"predictions-{rows}.csv"), "--quiet",
-                         "--batch-size", "32"])  # batches of 64, as the Trainer evaluated
+                         "--batch-size", "64"])  # batches of 64, as the Trainer evaluated
         rate = float(out.split("(")[-1].split()[0])  # "Scored N rows in Ts (R rows/s): path"
         print(f"| {rows:,} | {rate:.1f} | {rate / trainer:.2f}x | {peak:.0f} |", flush=True)
 

@@ -153,7 +153,7 @@ def main() -> None:
             print(f"  {name}: accuracy {r['eval_accuracy']:.4f} (per epoch {r.get('epoch_accuracies', '-')}), "
                   f"{r['train_seconds']:.0f}s training, {r['wall_seconds']:.0f}s wall", flush=True)
     out = WORK / "ours-auto-0"
-    cold = [timed([sys.executable, "fine_tune_sentiment.py", "--output-dir", str(out), "--predict",
+    cold = [timed([sys.executable, "predict_sentiment.py", "--output-dir", str(out), "--predict",
                    "A gorgeous, funny film."], out)["wall_seconds"] for _ in range(3)]
     print_table(runs, extra, statistics.median(cold), repeats)
 

@@ -10,7 +10,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 import fine_tune_sentiment as fts
 from conftest import FILLER, NEGATIVE, POSITIVE
-from test_errors import fails_with
+from helpers import fails_with
 
 LONG = "great " + " ".join(FILLER * 4) + " awful"  # 54 words: the first and the last carry the sentiment
 

@@ -9,15 +9,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 import fine_tune_sentiment as fts
 
-from conftest import GPU, PRECISION, PRESET, precision_flags
-from test_precision import BF16_PROBABILITY_GAP
+from conftest import GPU, PRESET, precision_flags
+from helpers import near_ties
 
 pytestmark = pytest.mark.skipif(GPU and torch.cuda.device_count() < 2, reason="2 processes need 2 GPUs under NCCL")
 
@@ -62,13 +61,6 @@ def test_every_eval_row_counted_once(two_runs):
     assert metrics["world_size"] == 2 and metrics["backend"] == ("nccl" if GPU else "gloo")
     assert metrics["eval_samples"] == sum(map(sum, metrics["confusion_matrix"])) == 200  # not 100, nor padded
     assert metrics["train_samples"] + metrics["validation_samples"] == 600
-
-
-def near_ties(adapter: Path, texts: list[str]) -> int:
-    """How many of texts the adapter scores so close to 0.5 (in fp32) that the suite's precision may flip them."""
-    gap = BF16_PROBABILITY_GAP if PRECISION == "bf16" else 1e-4  # fp32: batch shape moves logits by ~1e-6
-    probabilities = fts.softmax(fts.logits(*fts.load_adapter(adapter), texts))[:, 1]
-    return int(np.sum(np.abs(probabilities - 0.5) <= gap))
 
 
 def test_training_loss_is_the_one_process_loss(two_runs):
@@ -129,8 +121,7 @@ def test_an_error_ends_every_process_with_one_line(run_args, tmp_path):
     assert "[rank1]" not in result.stderr
 
 
-@pytest.mark.parametrize("mode", [["--predict", "fine"], ["--eval-only"], ["--predict-file", "in.csv"], ["--serve"],
-                                  ["--search", "3"], ["--export-onnx"]])
+@pytest.mark.parametrize("mode", [["--eval-only"], ["--search", "3"], ["--export-onnx"]])
 def test_one_process_modes_refuse_torchrun(monkeypatch, capsys, tmp_path, mode):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert fts.main(["--output-dir", str(tmp_path), *mode]) == 2

@@ -16,16 +16,9 @@ import pytest
 import fine_tune_sentiment as fts
 import predict_sentiment as pst
 from conftest import make_reviews
+from helpers import fails_with
 
 SCRIPT = str(Path(fts.__file__))
-
-
-def fails_with(args: list[str], capsys) -> str:
-    """Run main(); assert exit code 2 and a one-line error; return that line."""
-    assert fts.main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
-    return err[-1]
 
 
 def write_csv(folder: Path, rows: list, columns=("text", "label")) -> str:
@@ -118,7 +111,7 @@ def test_predict_with_nothing_on_stdin(tmp_path, monkeypatch, capsys):
 
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(fts.InputError):
-        fts.main(["--output-dir", str(tmp_path), "--predict", "fine", "--debug"])
+        pst.main(["--output-dir", str(tmp_path), "--predict", "fine", "--debug"])
 
 
 def test_same_seed_same_result(run_args, tmp_path):
@@ -219,7 +212,7 @@ def test_jsonl_types_that_change_between_chunks(trained, tmp_path, monkeypatch, 
     source, target = tmp_path / "in.jsonl", tmp_path / "out.parquet"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = ["--output-dir", str(trained["out"]), "--predictions", str(target), "--predict-file"]
-    assert fts.main(base + [str(source)]) == 0
+    assert pst.main(base + [str(source)]) == 0
     scored = pd.read_parquet(target)
     assert scored["id"].tolist() == list(range(8)) and scored["note"].isna().tolist() == [True] * 4 + [False] * 4
     assert scored["note"][4:].tolist() == ["seen twice"] * 4
@@ -229,7 +222,7 @@ def test_jsonl_types_that_change_between_chunks(trained, tmp_path, monkeypatch, 
     assert "write --predictions as .csv or .jsonl" in message
     assert pd.read_parquet(target)["id"].tolist() == list(range(8))  # the earlier output stays
     csv = tmp_path / "out.csv"
-    assert fts.main(base[:-2] + [str(csv), "--predict-file", str(source)]) == 0  # as the message advises
+    assert pst.main(base[:-2] + [str(csv), "--predict-file", str(source)]) == 0  # as the message advises
     assert pd.read_csv(csv)["id"].astype(str).tolist() == ["0", "1", "2", "3", "x4", "x5", "x6", "x7"]
 
 
@@ -240,8 +233,23 @@ def test_max_length_without_room_for_text(run_args, length, capsys):
 
 
 def test_modes_are_one_at_a_time(tmp_path, capsys):
-    message = fails_with(["--output-dir", str(tmp_path), "--predict", "fine", "--export-onnx"], capsys)
-    assert message == "error: --predict and --export-onnx are separate modes; run one at a time"
+    message = fails_with(["--output-dir", str(tmp_path), "--eval-only", "--export-onnx"], capsys)
+    assert message == "error: --eval-only and --export-onnx are separate modes; run one at a time"
+    message = fails_with(["--output-dir", str(tmp_path), "--predict", "fine", "--serve"], capsys)
+    assert message == "error: --predict and --serve are separate modes; run one at a time"
+
+
+@pytest.mark.parametrize("args, command", [
+    (["--predict", "Fun!", "--epochs", "3"], "--predict 'Fun!'"),
+    (["--output-dir", "run", "--predict-file", "in.csv", "--predictions", "out.csv", "--lora-r", "4"],
+     "--output-dir run --predict-file in.csv --predictions out.csv"),
+    (["--runtime", "onnx-int8", "--serve", "--port=9000"], "--runtime onnx-int8 --serve --port=9000"),
+    (["--predict-file", "in/", "--ray"], "--predict-file in/ --ray")])
+def test_the_training_script_names_the_inference_command(args, command, capsys):
+    assert fts.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    flag = next(a.split("=")[0] for a in args if a.split("=")[0] in ("--predict", "--predict-file", "--serve"))
+    assert err == [f"error: {flag} is predict_sentiment.py's: python predict_sentiment.py {command}"]
 
 
 @pytest.mark.parametrize("name", ["reviews.tsv", "REVIEWS.CSV", "Reviews.Parquet"])
@@ -262,8 +270,8 @@ def signal_at_step(monkeypatch, step: int) -> None:
     """The run's own interrupt callback, which sends this process SIGTERM as training reaches `step`."""
     real = fts.interrupt_callback
 
-    def signalling():
-        callback = real()
+    def signalling(processes):
+        callback = real(processes)
         callback.on_step_begin = lambda args, state, control, **kwargs: (
             os.kill(os.getpid(), signal.SIGTERM) if state.global_step == step else None)
         return callback
@@ -274,11 +282,12 @@ def signal_at_step(monkeypatch, step: int) -> None:
 def test_sigterm_closes_the_processes_and_restores_the_handlers(run_args, monkeypatch, capsys):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     left = []
-    monkeypatch.setattr(fts, "leave_processes", lambda: left.append(True))  # under torchrun: barrier, then teardown
+    monkeypatch.setattr(fts, "leave_processes", lambda state: left.append(state.num_processes))  # torchrun: barrier,
+    # then teardown
     signal_at_step(monkeypatch, 3)
     with pytest.raises(SystemExit) as stopped:
         fts.main(run_args)
-    assert stopped.value.code == 130 and left == [True]
+    assert stopped.value.code == 130 and left == [1]
     assert "run the same command again to resume" in capsys.readouterr().err
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
@@ -297,18 +306,15 @@ def test_handlers_are_restored_when_training_raises(run_args, monkeypatch):
 
 @pytest.mark.parametrize("failure, printed", [
     ("[gloo] Timed out waiting 1800000ms for recv operation to complete", True),
-    ("[gloo] Connection closed by peer [127.0.0.1]:29500", False)])  # the main process failed and said why
-def test_a_barrier_timeout_says_so(monkeypatch, capsys, failure, printed):
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:29500",
+     False)])  # the main process failed and said why
+def test_a_barrier_timeout_says_so(capsys, failure, printed):
+    from types import SimpleNamespace
+
     import torch.distributed as dist
 
-    def barrier():
-        raise RuntimeError(failure)
-
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "barrier", barrier)
-    with pytest.raises(SystemExit) as stopped, fts.main_process_first():
-        pass
+    with pytest.raises(SystemExit) as stopped, fts.waits_said(SimpleNamespace(process_index=1)):
+        raise (dist.DistBackendError if printed else RuntimeError)(failure)  # as gloo raises them in a barrier
     err = capsys.readouterr().err.strip()
     assert stopped.value.code == 1
     assert err == (f"error: process 1 timed out waiting for the other processes ({failure}); one of them is stuck "

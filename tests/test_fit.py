@@ -15,7 +15,7 @@ import torch
 import fine_tune_sentiment as fts
 import predict_sentiment as pst
 from conftest import make_reviews, precision_flags, sorted_by_label
-from test_errors import fails_with
+from helpers import fails_with
 
 ROOT = Path(fts.__file__).parent
 

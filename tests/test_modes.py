@@ -1,6 +1,5 @@
 """Using a trained adapter: --eval-only, --predict-file, the model card; and early stopping and TensorBoard."""
 
-import hashlib
 import importlib.util
 import json
 import math
@@ -14,15 +13,9 @@ import fine_tune_sentiment as fts
 import predict_sentiment as pst
 import conftest
 from conftest import make_reviews
-from test_distributed import near_ties
-from test_errors import fails_with
+from helpers import digest, fails_with, near_ties
 
 OUTPUTS = ("adapter", "merged", "metrics.json", "training.png")
-
-
-def digest(path: Path) -> str:
-    files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files if f.is_file())).hexdigest()
 
 
 def test_eval_only_on_a_dataset_folder_matches_training_and_touches_nothing(trained, imdb_folder, capsys):
@@ -72,7 +65,7 @@ def test_predict_file_keeps_rows_order_and_columns(trained, tmp_path, kind, caps
     frame = pd.DataFrame({"id": [f"{i:03d}" for i in range(30)], "text": texts, "stars": range(30)})
     source, target = tmp_path / f"in{kind}", tmp_path / f"out{kind}"
     WRITE[kind](frame, source)
-    assert fts.main(["--output-dir", str(trained["out"]), "--predict-file", str(source), "--predictions",
+    assert pst.main(["--output-dir", str(trained["out"]), "--predict-file", str(source), "--predictions",
                      str(target)]) == 0
     result = READ[kind](target)
     assert list(result.columns) == ["id", "text", "stars", "predicted_label", "predicted_score"]
@@ -117,10 +110,10 @@ def test_a_failed_or_interrupted_predict_file_leaves_no_partial_output(trained, 
     monkeypatch.setattr(pst, "predict", breaks)
     args = ["--output-dir", str(trained["out"]), "--predict-file", str(source), "--predictions", str(target)]
     if isinstance(stop, KeyboardInterrupt):
-        assert fts.main(args) == 130
+        assert pst.main(args) == 130
     else:
         with pytest.raises(RuntimeError, match="disk full"):
-            fts.main(args)
+            pst.main(args)
     assert target.read_text() == "the previous predictions\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "out.csv"]
 

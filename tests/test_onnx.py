@@ -14,8 +14,7 @@ import pytest
 import fine_tune_sentiment as fts
 import predict_sentiment as pst
 from conftest import make_reviews
-from test_errors import fails_with
-from test_modes import digest
+from helpers import digest, fails_with
 
 pytest.importorskip("onnxruntime")
 ROOT = Path(fts.__file__).parent
@@ -55,13 +54,13 @@ def test_int8_agrees_with_fp32(exported, imdb_folder):
 @pytest.mark.parametrize("runtime", ["onnx", "onnx-int8"])
 def test_every_mode_on_onnx(exported, imdb_folder, tmp_path, runtime, capsys):
     base = ["--output-dir", str(exported), "--runtime", runtime]
-    assert fts.main(base + ["--predict", "the movie was great , wonderful", "awful boring , the worst"]) == 0
+    assert pst.main(base + ["--predict", "the movie was great , wonderful", "awful boring , the worst"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"Prediction: POSITIVE \((0\.[6-9]\d|1\.00)\)", lines[1]), lines
     assert re.fullmatch(r"Prediction: NEGATIVE \((0\.[6-9]\d|1\.00)\)", lines[3]), lines
     source, target = tmp_path / "in.csv", tmp_path / "out.parquet"
     pd.DataFrame({"text": [t for t, _ in make_reviews(20, seed=5)] + [""]}).to_csv(source, index=False)
-    assert fts.main(base + ["--predict-file", str(source), "--predictions", str(target), "--quiet"]) == 0
+    assert pst.main(base + ["--predict-file", str(source), "--predictions", str(target), "--quiet"]) == 0
     scored = pd.read_parquet(target)
     assert len(scored) == 21 and scored["predicted_label"].isna().tolist() == [False] * 20 + [True]
     assert fts.main(base + ["--eval-only", "--dataset-name", imdb_folder, "--quiet"]) == 0
@@ -70,7 +69,7 @@ def test_every_mode_on_onnx(exported, imdb_folder, tmp_path, runtime, capsys):
 
 
 def test_onnx_runtime_imports_no_torch(exported):
-    code = ("import sys, fine_tune_sentiment as f; code = f.main(sys.argv[1:]); "
+    code = ("import sys, predict_sentiment as p; code = p.main(sys.argv[1:]); "
             "print([m for m in ('torch', 'transformers', 'peft') if m in sys.modules]); sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", code, "--output-dir", str(exported), "--runtime", "onnx-int8",
                              "--predict", "the movie was great"], capture_output=True, text=True, cwd=ROOT, timeout=60)
@@ -103,7 +102,7 @@ def test_missing_folder_and_missing_package(exported, tmp_path, monkeypatch, cap
 
 
 def test_the_readme_deploy_snippet_runs(exported):
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "inference.md").read_text()  # linked from the README
     snippet = readme.split("<!-- deploy snippet -->")[1].split("```python")[1].split("```")[0]
     reviews = ["the movie was great", "awful , boring", LONG, "awful " + LONG]  # the long ones take the head+tail cut
     assert 'reviews = ["A gorgeous, funny film.", "A dull, lifeless film."]' in snippet

@@ -14,6 +14,7 @@ import torch
 
 import conftest
 import fine_tune_sentiment as fts
+import predict_sentiment as pst
 from conftest import DEVICE, PRESET, PROBES, make_reviews, precision_flags
 
 SCRIPT = str(Path(fts.__file__))
@@ -89,17 +90,16 @@ def test_lora_dropout_is_drawn_cheaply_with_one_mask_for_query_key_value(tiny_mo
 
 
 def test_the_fused_lora_layers_give_peft_s_outputs_and_gradients(tiny_model):
-    """make_steps_cheaper's one-function LoRA layers against peft's own, same weights and batch (dropout 0, fp32)."""
+    """fast_lora's one-function LoRA layers against peft's own (FAST_STEP off), same weights and batch (dropout 0,
+    fp32)."""
     ids = torch.randint(5, 30, (16, 24))
     found = []
     for fused in (True, False):
         torch.manual_seed(0)
-        model = fts.build_model(tiny_model, ["all-linear"], 8, 16, 0.0).train()
+        model = fts.build_model(tiny_model, ["all-linear"], 8, 16, 0.0, fast_step=fused).train()
         layers = [m for m in model.modules() if hasattr(m, "lora_variant")]
-        assert len(layers) == 12 and all(m.lora_variant for m in layers)  # 2 blocks x 6 linears, all fused
+        assert len(layers) == 12 and all(bool(m.lora_variant) == fused for m in layers)  # 2 blocks x 6 linears
         for layer in layers:
-            if not fused:
-                layer.lora_variant.clear()  # peft's own forward
             torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)  # B starts at 0: make the path count
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.arange(16) % 2)
         out.loss.backward()
@@ -112,6 +112,19 @@ def test_the_fused_lora_layers_give_peft_s_outputs_and_gradients(tiny_model):
     for name in grads:
         # fp32 sums in another order: the gradients of 16 x 24 tokens differ by a few ulps of their sum
         torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_changed_peft_hook_warns_once_and_trains_with_peft_s_step(run_args, tiny_model, monkeypatch, caplog):
+    import fast_lora
+    from peft.tuners.lora.layer import LoraVariant
+
+    fast_lora.warn_once.cache_clear()
+    monkeypatch.delattr(LoraVariant, "merge_unsafe")  # as if a newer peft renamed a method of the hook
+    for _ in range(2):
+        model = fts.build_model(tiny_model, ["all-linear"], 8, 16, 0.0)
+        assert not [m for m in model.modules() if getattr(m, "lora_variant", None)]  # peft's own forward
+    assert caplog.text.count("LoraVariant hook is not what fast_lora.py expects") == 1
+    assert fts.main(run_args + ["--epochs", "1", "--quiet"]) == 0  # and training goes on, with peft's step
 
 
 def test_the_encoders_dropout_is_swapped_and_keeps_its_rate(tiny_model, tmp_path):
@@ -172,7 +185,8 @@ def test_checkpoints_are_removed_after_a_finished_run(trained):
 def test_predict_in_a_subprocess(trained):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     lines = "the movie was great , loved it\r\n\r\n\xff\xfe binary\n" + "wonderful " * 20000 + "\nawful 😡 ужасно 最悪\n"
-    result = subprocess.run([sys.executable, SCRIPT, "--output-dir", str(trained["out"]), "--predict", "-", *precision_flags()],
+    result = subprocess.run([sys.executable, pst.__file__, "--output-dir", str(trained["out"]), "--predict", "-",
+                             *precision_flags()],
                             input=lines.encode("utf-8").replace("\xff\xfe".encode(), b"\xff\xfe"),
                             capture_output=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr.decode()
@@ -186,7 +200,7 @@ def test_predict_in_a_subprocess(trained):
 
 
 def test_predict_arguments_empty_and_non_latin(trained, capsys):
-    assert fts.main(["--output-dir", str(trained["out"]), "--predict", "", "great 🎬 映画"]) == 0
+    assert pst.main(["--output-dir", str(trained["out"]), "--predict", "", "great 🎬 映画"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == 'Review: ""' and lines[2] == 'Review: "great 🎬 映画"'
     for line in lines[1], lines[3]:  # a well-formed prediction; which label a toy model gives unknown tokens is noise

@@ -12,7 +12,7 @@ import pytest
 
 import predict_sentiment as pst
 from conftest import make_reviews
-from test_errors import fails_with
+from helpers import fails_with
 
 ROOT = Path(pst.__file__).parent
 

@@ -188,8 +188,7 @@ def test_health_answers_during_a_long_batch():
 
 
 def test_sigterm_answers_requests_in_flight_then_exits_0(exported):
-    # through fine_tune_sentiment.py, which hands --serve to predict_sentiment: one command line for either file
-    with server_process("fine_tune_sentiment.py", exported, "--runtime", "onnx-int8", "--max-wait-ms", "1500",
+    with server_process("predict_sentiment.py", exported, "--runtime", "onnx-int8", "--max-wait-ms", "1500",
                         "--batch-size", "64") as (url, process), ThreadPoolExecutor(1) as pool:
         pending = pool.submit(post, url, ["the movie was great", "awful , boring", LONG])
         time.sleep(0.5)  # the request now waits for its batch to fill (1.5 s)
@@ -197,3 +196,34 @@ def test_sigterm_answers_requests_in_flight_then_exits_0(exported):
         answer = pending.result(timeout=30)
         assert answer.status_code == 200 and len(answer.json()["predictions"]) == 3
         assert process.wait(timeout=30) == 0
+
+
+def test_the_micro_batcher_batches_concurrent_callers_without_http():
+    import asyncio
+
+    batches = []
+
+    def score(texts):
+        batches.append(list(texts))
+        if "boom" in texts:
+            raise RuntimeError("the model broke")
+        return [len(t) for t in texts]
+
+    async def callers():
+        batcher = pst.MicroBatcher(score, max_batch=4, max_wait_s=0.2)
+        async with batcher:
+            started = time.monotonic()
+            together = await asyncio.gather(*(batcher.submit(["x" * i, "y" * i]) for i in range(1, 4)))
+            together_seconds = time.monotonic() - started
+            alone = await batcher.submit(["z"])  # nobody joins: it waits max_wait_s, not longer
+            try:
+                await batcher.submit(["boom", "fine"])
+            except RuntimeError as error:
+                failed = str(error)
+            after = await batcher.submit(["still up"])
+            return together, together_seconds, alone, failed, after, batcher.batches
+
+    together, together_seconds, alone, failed, after, count = asyncio.run(asyncio.wait_for(callers(), 30))
+    assert together == [[1, 1], [2, 2], [3, 3]]  # each caller gets its own rows, in order
+    assert [len(b) for b in batches[:2]] == [4, 2] and together_seconds < 2  # 6 texts, batches of at most 4
+    assert alone == [1] and failed == "the model broke" and after == [8] and count == len(batches) == 5

@@ -1,0 +1,35 @@
+"""Helpers the test modules share (fixtures live in conftest.py)."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+import conftest
+import fine_tune_sentiment as fts
+import predict_sentiment as pst
+
+BF16_PROBABILITY_GAP = 0.06  # bf16 keeps 8 bits of mantissa; native AMX and AVX-512 kernels differed from fp32 by this
+INFERENCE_MODES = {"--predict", "--predict-file", "--serve", "--ray"}  # predict_sentiment.py's; the rest train
+
+
+def fails_with(args: list[str], capsys) -> str:
+    """Run the main() that owns args' mode; assert exit code 2 and a one-line error; return that line."""
+    main = pst.main if INFERENCE_MODES & set(args) else fts.main
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def digest(path: Path) -> str:
+    """A hash of a file, or of every file under a folder with its name."""
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    return hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in files if f.is_file())).hexdigest()
+
+
+def near_ties(adapter: Path, texts: list[str]) -> int:
+    """How many of texts the adapter scores so close to 0.5 (in fp32) that the suite's precision may flip them."""
+    gap = BF16_PROBABILITY_GAP if conftest.PRECISION == "bf16" else 1e-4  # fp32: batch shape moves logits by ~1e-6
+    probabilities = pst.softmax(pst.logits(*pst.load_adapter(adapter), texts))[:, 1]
+    return int(np.sum(np.abs(probabilities - 0.5) <= gap))
