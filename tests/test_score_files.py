@@ -111,7 +111,7 @@ def test_inference_never_imports_the_training_script_or_torch(exported, tmp_path
     assert "fine_tune_sentiment" not in imported
     reviews_folder(tmp_path / "in")
     code = ("import sys, predict_sentiment as p; code = p.main(sys.argv[1:]); "
-            "p.build_app(len, ['NEGATIVE', 'POSITIVE'], {}); "  # the server's stack as well
+            "p.build_app(len, ['NEGATIVE', 'POSITIVE'], {n: getattr(p, n) for n in p.SETTINGS}); "  # the server's too
             "print([m for m in ('torch', 'transformers', 'peft', 'fine_tune_sentiment') if m in sys.modules]); "
             "sys.exit(code)")
     result = subprocess.run([sys.executable, "-c", code, "--output-dir", str(exported), "--runtime", "onnx-int8",
