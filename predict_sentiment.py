@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import glob
 import itertools
 import json
@@ -23,6 +24,7 @@ import re
 import shutil
 import sys
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,13 +43,20 @@ PORT: int = 8000  # the server's port
 MAX_WAIT_MS: float = 5.0  # a request waits at most this long for others to join its batch
 MAX_TEXTS: int = 256  # texts one request may send
 MAX_BODY_KB: int = 1024  # the largest request body
+MAX_QUEUE: int = 1024  # texts waiting to be scored, at most; a request that would pass it gets 503 and Retry-After
+REQUEST_TIMEOUT_S: float = 30.0  # a request not answered by then gets 504; its texts still waiting are dropped
+MAX_CONNECTIONS: int = 256  # open connections, at most; more are closed at once
+HEADER_TIMEOUT_S: float = 5.0  # a request must arrive whole (headers and body) within this, or its connection closes
+DRAIN_S: float = 20.0  # on SIGTERM, how long the requests already queued get to be answered
+API_KEY: str = ""  # set (or SENTIMENT_API_KEY): every route but /health needs 'Authorization: Bearer API_KEY'
 # Ray
 RAY_ACTORS: int = 0  # model copies scoring at once under --ray, a CPU each; 0 = the Ray cluster's CPUs less one
 
 SETTINGS = list(__annotations__)  # the annotated names above are the settings; each one is a flag
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}  # the names of an adapter saved without its own
 CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "RUNTIME": ("torch", "onnx", "onnx-int8")}
-POSITIVE = ("BATCH_SIZE", "PORT", "MAX_TEXTS", "MAX_BODY_KB")  # settings that must be above 0
+POSITIVE = ("BATCH_SIZE", "PORT", "MAX_TEXTS", "MAX_BODY_KB", "MAX_QUEUE", "REQUEST_TIMEOUT_S", "MAX_CONNECTIONS",
+            "HEADER_TIMEOUT_S")  # settings that must be above 0
 FRACTIONS = ()  # settings that must be below 1
 FAST_BF16 = 1.3  # auto picks bf16 on a CPU only where its matmuls measured at least this much faster than fp32
 PREDICT_FILE_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")  # --predict-file reads these
@@ -113,20 +122,50 @@ def run_predict_file(config: dict, source: str, target: str | None, quiet: bool)
 
 
 def run_serve(config: dict) -> None:
-    """--serve: answer POST /predict over HTTP with batches of concurrent requests; SIGTERM drains, then exits 0."""
+    """--serve: answer POST /predict (and POST /, the Inference format) with batches of concurrent requests. SIGTERM
+    stops accepting and answers what is queued within DRAIN_S, then exits 0; if the drain runs out of time it
+    refuses the rest (503) and exits 1, saying how many."""
     import signal
 
-    need_package("fastapi", "uvicorn", what="--serve", requirements="requirements-serve.txt")
+    need_package("fastapi", "uvicorn", "httptools", "prometheus_client", what="--serve",
+                 requirements="requirements-serve.txt")
     import uvicorn
 
     started = time.perf_counter()
     model, tokenizer, precision = load_for_inference(config)
     app = build_app(lambda texts: logits(model, tokenizer, texts, config["BATCH_SIZE"], precision),
                     list(model.config.id2label.values()), config)
+    if config["HOST"] not in ("127.0.0.1", "localhost", "::1") and not app.key:
+        log.warning(f"warning: serving on {config['HOST']} without an API key: anyone who reaches this port can use "
+                    f"it (set --api-key or SENTIMENT_API_KEY)")
     log.warning(f"Serving {config['RUNTIME']} ({precision}) on http://{config['HOST']}:{config['PORT']} "
-                f"(loaded in {time.perf_counter() - started:.1f}s): POST /predict, GET /health, GET /metrics")
+                f"(loaded in {time.perf_counter() - started:.1f}s): POST /predict, POST /, GET /health, GET /metrics")
+    server = draining_server(uvicorn.Config(
+        app, host=config["HOST"], port=config["PORT"], log_level="warning", timeout_keep_alive=5,
+        http=guarded_protocol(config["MAX_CONNECTIONS"], config["HEADER_TIMEOUT_S"]),
+        timeout_graceful_shutdown=config["DRAIN_S"] + 5), app.state.batcher, config["DRAIN_S"])
     signal.signal(signal.SIGTERM, lambda *_: None)  # uvicorn drains on SIGTERM, then raises it again: end with 0
-    uvicorn.run(app, host=config["HOST"], port=config["PORT"], log_level="warning", timeout_graceful_shutdown=30)
+    server.run()
+    if server.refused:
+        raise SystemExit(f"error: the drain ran out of its {config['DRAIN_S']:g} s: {server.refused} queued "
+                         f"requests were refused (503)")
+
+
+def draining_server(config, batcher: MicroBatcher, drain_s: float):
+    """A uvicorn Server whose SIGTERM (or Ctrl-C) also makes the batcher refuse new requests, and refuse those still
+    queued after drain_s; `refused` says how many it refused so."""
+    import uvicorn
+
+    class Draining(uvicorn.Server):
+        refused = 0
+
+        def handle_exit(self, sig, frame):
+            if not batcher.draining:
+                batcher.draining = True
+                asyncio.get_event_loop().call_later(drain_s, lambda: setattr(self, "refused", batcher.drain()))
+            super().handle_exit(sig, frame)
+
+    return Draining(config)
 
 
 def run_ray(config: dict, source: str | None, target: str | None, quiet: bool) -> None:
@@ -542,70 +581,144 @@ def text_writer(path: Path, kind: str):
 # The HTTP service -------------------------------------------------------------------------------------------------
 
 
+class Refused(Exception):
+    """A request the server will not score: its HTTP status (503, 504) and one line saying why."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+
+
 class MicroBatcher:
     """Gathers the texts of concurrent callers into batches of up to max_batch, waiting at most max_wait_s for a
     batch to fill (LitServe's max_batch_size and batch_timeout), and runs score(texts) -> one row per text in one
-    worker thread, so the event loop stays free while a batch runs. Use it as `async with`, then submit()."""
+    worker thread, so the event loop stays free. Batches take texts round-robin across the waiting requests, so a
+    small request is not stuck behind a large one. At most max_queue texts wait (more: Refused 503); a request not
+    answered within timeout_s gets Refused 504, and its texts still waiting are dropped, as are those of a caller
+    that left; a batch that fails is retried text by text, so only the failing texts get the error.
+    Use it as `async with batcher:`, then `await batcher.submit(texts)`."""
 
-    def __init__(self, score, max_batch: int, max_wait_s: float):
-        self.score, self.max_batch, self.max_wait_s = score, max_batch, max_wait_s
-        self.batches, self.queue, self.task, self.thread = 0, None, None, None
+    def __init__(self, score, max_batch: int, max_wait_s: float, max_queue: int = 1 << 30,
+                 timeout_s: float | None = None, on_batch=lambda size: None, on_drop=lambda reason, count: None):
+        self.score, self.max_batch, self.max_wait_s, self.max_queue = score, max_batch, max_wait_s, max_queue
+        self.timeout_s, self.on_batch, self.on_drop = timeout_s, on_batch, on_drop
+        self.batches, self.waiting, self.draining = 0, collections.deque(), False  # waiting: [texts, answers, next]
+        self.ready = self.task = self.thread = None
 
     async def __aenter__(self) -> None:  # None: it also serves as a Starlette lifespan, which yields no state
-        self.queue, self.thread = asyncio.Queue(), ThreadPoolExecutor(1)  # one thread: batches run one at a time
+        self.ready, self.thread = asyncio.Event(), ThreadPoolExecutor(1)  # one thread: batches run one at a time
         self.task = asyncio.create_task(self.run())
 
     async def __aexit__(self, *exc) -> None:
         self.task.cancel()
         self.thread.shutdown(wait=False)
 
+    @property
+    def queued(self) -> int:
+        """Texts waiting to be scored."""
+        return sum(len(job[0]) - job[2] for job in self.waiting)
+
     async def submit(self, texts: list[str]) -> list:
-        """score()'s row for each text, in order; an error of its batch is raised here."""
-        loop = asyncio.get_running_loop()
-        answers = [loop.create_future() for _ in texts]
-        for pair in zip(texts, answers):
-            self.queue.put_nowait(pair)
-        return list(await asyncio.gather(*answers))
+        """score()'s row for each text, in order; Refused when full, draining or late; a model error is raised here."""
+        if self.draining:
+            raise Refused(503, "the server is shutting down; retry on another replica")
+        if self.queued + len(texts) > self.max_queue:
+            self.on_drop("refused", len(texts))
+            raise Refused(503, f"{self.queued} texts are waiting to be scored, and MAX_QUEUE is {self.max_queue}; "
+                               f"retry in a moment")
+        job = [texts, [asyncio.get_running_loop().create_future() for _ in texts], 0]
+        self.waiting.append(job)
+        self.ready.set()
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*job[1]), self.timeout_s))
+        except asyncio.TimeoutError:
+            self.on_drop("deadline", self.drop(job))
+            raise Refused(504, f"not answered within REQUEST_TIMEOUT_S ({self.timeout_s:g} s)") from None
+        except asyncio.CancelledError:  # the caller left: what is still waiting is never scored
+            self.on_drop("gone", self.drop(job))
+            raise
+
+    def drop(self, job: list) -> int:
+        """Take job's waiting texts out of the queue; return how many there were."""
+        left = len(job[0]) - job[2]
+        job[2] = len(job[0])
+        for answer in job[1]:
+            answer.cancel()
+        return left
+
+    def drain(self) -> int:
+        """Refuse every new request and every text still waiting (503); return how many requests were waiting."""
+        self.draining, waiting = True, [job for job in self.waiting if job[2] < len(job[0])]
+        for job in waiting:
+            self.on_drop("drain", len(job[0]) - job[2])
+            job[2] = len(job[0])
+            for answer in job[1]:
+                if not answer.done():
+                    answer.set_exception(Refused(503, "the server shut down before this request was scored"))
+        return len(waiting)
 
     async def run(self) -> None:
         """Forever: take the next batch, score it off the event loop, answer each waiting text."""
         loop = asyncio.get_running_loop()
         while True:
-            live = [(text, answer) for text, answer in await self.next_batch() if not answer.done()]  # gone: skip
-            try:
-                found = await loop.run_in_executor(self.thread, self.score, [text for text, _ in live])
-            except Exception as error:  # noqa: BLE001  each waiting caller gets it; the batcher goes on
-                found = [error] * len(live)
+            batch = await self.next_batch()
+            if not batch:  # every text of it was dropped meanwhile
+                continue
+            found = await loop.run_in_executor(self.thread, self.score_each, [text for text, _ in batch])
             self.batches += 1
-            for (_, answer), row in zip(live, found):
+            self.on_batch(len(batch))
+            for (_, answer), row in zip(batch, found):
                 if not answer.done():
                     answer.set_exception(row) if isinstance(row, Exception) else answer.set_result(row)
 
+    def score_each(self, texts: list[str]) -> list:
+        """score(texts); where the batch fails, each text alone, so that only the failing ones get the error."""
+        try:
+            return list(self.score(texts))
+        except Exception as error:  # noqa: BLE001  one bad text must not fail the others
+            return [error] if len(texts) == 1 else [row for text in texts for row in self.score_each([text])]
+
     async def next_batch(self) -> list:
-        """The waiting (text, answer) pairs, at least one: up to max_batch, or what came within max_wait_s."""
+        """Up to max_batch (text, answer) pairs, one from each waiting request in turn; after the first text, wait at
+        most max_wait_s for more."""
         loop = asyncio.get_running_loop()
-        items = [await self.queue.get()]
+        while not self.queued:
+            self.ready.clear()
+            await self.ready.wait()
         deadline = loop.time() + self.max_wait_s
-        while len(items) < self.max_batch and (self.queue.qsize() or loop.time() < deadline):
+        while self.queued < self.max_batch and loop.time() < deadline:
+            self.ready.clear()
             try:
-                items.append(self.queue.get_nowait() if self.queue.qsize() else
-                             await asyncio.wait_for(self.queue.get(), deadline - loop.time()))
+                await asyncio.wait_for(self.ready.wait(), deadline - loop.time())
             except asyncio.TimeoutError:
                 break
-        return items
+        batch = []
+        while self.waiting and len(batch) < self.max_batch:
+            job = self.waiting.popleft()
+            if job[2] < len(job[0]):
+                batch.append((job[0][job[2]], job[1][job[2]]))
+                job[2] += 1
+            if job[2] < len(job[0]):
+                self.waiting.append(job)  # round-robin: to the back of the line
+        return batch
 
 
 def build_app(score, names: list[str], config: dict):
-    """A FastAPI app: POST /predict scores texts with score(texts) -> logits, batched across concurrent requests by a
-    MicroBatcher (BATCH_SIZE, MAX_WAIT_MS); GET /health answers during a long batch; GET /metrics counts."""
+    """A FastAPI app: POST /predict and POST / (the Hugging Face Inference format) score texts with score(texts) ->
+    logits, batched across concurrent requests by a MicroBatcher; GET /health answers during a long batch and says
+    when the queue is full; GET /metrics is Prometheus'. Guard checks the key and content type, and counts."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, PlainTextResponse
+    from fastapi.responses import JSONResponse, Response
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.exceptions import HTTPException
 
-    batcher = MicroBatcher(score, config["BATCH_SIZE"], config["MAX_WAIT_MS"] / 1000)
-    counts = {"requests": 0, "errors": 0, "rows": 0, "latency_seconds": 0.0}
-
+    meters = server_meters()
+    batcher = MicroBatcher(score, config["BATCH_SIZE"], config["MAX_WAIT_MS"] / 1000, config["MAX_QUEUE"],
+                           config["REQUEST_TIMEOUT_S"], meters.batch_size.observe,
+                           lambda reason, count: meters.dropped.labels(reason).inc(count))
+    meters.queue.set_function(lambda: batcher.queued)
     app = FastAPI(title="Sentiment", lifespan=lambda app: batcher)  # it batches while the app runs
+    app.state.batcher = batcher
 
     @app.exception_handler(HTTPException)
     async def http_error(request, error: HTTPException):  # 404, 405: the same {"error": ...} shape as ours
@@ -613,64 +726,247 @@ def build_app(score, names: list[str], config: dict):
 
     @app.exception_handler(Exception)
     async def internal_error(request, error: Exception):
-        counts["errors"] += 1
         log.error(f"error: {request.url.path}: {one_line(error)}")
         return JSONResponse({"error": f"internal error: {one_line(error)}"}, status_code=500)
 
-    async def predict_route(request):  # a plain Starlette route: the request as it came, our own 4xx answers
-        started = time.perf_counter()
-        texts = await read_texts(request, config)
-        if isinstance(texts, JSONResponse):
-            return texts
-        found = softmax(np.stack(await batcher.submit(texts))) if texts else np.zeros((0, len(names)))
-        for key, value in (("requests", 1), ("rows", len(texts)), ("latency_seconds", time.perf_counter() - started)):
-            counts[key] += value
-        return JSONResponse({"predictions": [{"label": names[int(p.argmax())], "score": float(p.max()),
-                                              "scores": dict(zip(names, map(float, p)))} for p in found]})
+    async def answer(request, field: str, encode):
+        got = await read_texts(request, config, field)
+        found = got if isinstance(got, Response) else await scored(request, batcher, got[0]) if got[0] else \
+            np.zeros((0, len(names)))
+        return found if isinstance(found, Response) else JSONResponse(encode(found, got[1]))
+
+    async def predict_route(request):  # plain Starlette routes: the request as it came, our own 4xx answers
+        return await answer(request, "texts", lambda found, _: {"predictions": [
+            {"label": names[int(p.argmax())], "score": float(p.max()), "scores": dict(zip(names, map(float, p)))}
+            for p in softmax(found)]})
+
+    async def inference_route(request):  # what huggingface_hub's InferenceClient.text_classification sends
+        return await answer(request, "inputs", lambda found, options: hf_classification(found, names, options))
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "runtime": config["RUNTIME"], "labels": names}
+        full = batcher.draining or batcher.queued >= config["MAX_QUEUE"]
+        return JSONResponse({"status": "draining" if batcher.draining else "saturated" if full else "ok",
+                             "runtime": config["RUNTIME"], "labels": names, "queued": batcher.queued,
+                             "max_queue": config["MAX_QUEUE"]}, status_code=503 if full else 200)
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse("".join(f"sentiment_{key}_total {value}\n" for key, value in (
-            counts | {"batches": batcher.batches}).items()))
+        return Response(generate_latest(meters.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_route("/predict", predict_route, methods=["POST"])
-    return app
+    app.add_route("/", inference_route, methods=["POST"])
+    return Guard(app, config["API_KEY"] or os.environ.get("SENTIMENT_API_KEY", ""), meters)
 
 
-async def read_texts(request, config: dict):
-    """The request's texts, or a 4xx JSON answer that says in one line what is wrong with it."""
-    from fastapi.responses import JSONResponse
+def server_meters():
+    """The server's Prometheus metrics, on a registry of its own."""
+    from types import SimpleNamespace
 
-    def bad(status: int, reason: str) -> JSONResponse:
-        return JSONResponse({"error": reason}, status_code=status)
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-    limit = config["MAX_BODY_KB"] * 1024
+    registry = CollectorRegistry()
+    return SimpleNamespace(registry=registry, requests=Counter(
+        "sentiment_requests", "HTTP requests answered, by route and status code", ["route", "code"],
+        registry=registry), latency=Histogram("sentiment_request_seconds", "Time to answer a request, by route",
+                                              ["route"], registry=registry),
+        batch_size=Histogram("sentiment_batch_size", "Texts per model batch", registry=registry,
+                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)),
+        queue=Gauge("sentiment_queue_texts", "Texts waiting to be scored", registry=registry),
+        dropped=Counter("sentiment_texts_dropped", "Texts not scored: gone (the client left), deadline, refused "
+                        "(queue full), drain (shut down)", ["reason"], registry=registry))
+
+
+class Guard:
+    """ASGI middleware in front of every route: with an API key, Bearer authentication (but /health); POSTs in the
+    content types a web page may send without a CORS preflight refused (415); every answer counted and timed."""
+
+    FORMS = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
+    ROUTES = ("/", "/predict", "/health", "/metrics")
+
+    def __init__(self, app, api_key: str, meters):
+        self.app, self.key, self.meters = app, api_key.encode(), meters
+        self.state = app.state  # the app's: run_serve reads its batcher
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, status = time.perf_counter(), [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self.refusal(scope)
+            await (refusal or self.app)(scope, receive, sending)
+        finally:
+            route = scope["path"] if scope["path"] in self.ROUTES else "other"
+            self.meters.requests.labels(route, str(status[0])).inc()
+            self.meters.latency.labels(route).observe(time.perf_counter() - started)
+
+    def refusal(self, scope):
+        """A 401 or 415 answer for this request, or None."""
+        import hmac
+
+        from starlette.responses import JSONResponse
+
+        headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
+        if self.key and scope["path"] != "/health" and not hmac.compare_digest(
+                headers.get("authorization", b""), b"Bearer " + self.key):
+            return JSONResponse({"error": "send the API key as 'Authorization: Bearer KEY'"}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        kind = headers.get("content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if scope["method"] == "POST" and kind in self.FORMS:
+            return JSONResponse({"error": f"Content-Type {kind} is not accepted; send application/json"},
+                                status_code=415)
+        return None
+
+
+async def read_texts(request, config: dict, field: str):
+    """(texts, parameters) of a request, the texts under field ("texts" for /predict; "inputs", a string or a list,
+    for the Inference format), or a 4xx JSON answer that says in one line what is wrong with them."""
+    from starlette.responses import JSONResponse
+
+    example = '{"texts": ["a review", ...]}' if field == "texts" else '{"inputs": "a review"}'
+    data = await read_json(request, config, example)
+    if isinstance(data, JSONResponse):
+        return data
+    texts = data.get(field) if isinstance(data, dict) else None
+    texts = [texts] if field == "inputs" and isinstance(texts, str) else texts
+    options = data.get("parameters") or {} if isinstance(data, dict) else {}
+    if texts is None:
+        problem = f'no "{field}" in the body; send {example}'
+    elif not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        problem = f'"{field}" must be a list of strings'
+    elif len(texts) > config["MAX_TEXTS"]:
+        problem = f'{len(texts)} texts in one request; send at most {config["MAX_TEXTS"]} (MAX_TEXTS)'
+    else:
+        problem = text_problem(texts, field) or option_problem(options)
+    return JSONResponse({"error": problem}, status_code=422) if problem else (texts, options)
+
+
+async def read_json(request, config: dict, example: str):
+    """The request's body as JSON, or a 400 or 413 answer."""
+    from starlette.responses import JSONResponse
+
+    limit, too_big = config["MAX_BODY_KB"] * 1024, f"the body is over {config['MAX_BODY_KB']} KB; send fewer or " \
+                                                    f"shorter texts per request"
     if int(request.headers.get("content-length") or 0) > limit:
-        return bad(413, f"the body is over {config['MAX_BODY_KB']} KB; send fewer or shorter texts per request")
+        return JSONResponse({"error": too_big}, status_code=413)
     body = b""
     async for part in request.stream():  # a body without a length is counted as it comes
         body += part
         if len(body) > limit:
-            return bad(413, f"the body is over {config['MAX_BODY_KB']} KB; send fewer or shorter texts per request")
+            return JSONResponse({"error": too_big}, status_code=413)
     try:
-        data = json.loads(body)
-    except ValueError as error:
-        return bad(400, f"the body is not JSON: {one_line(error)}; send {{\"texts\": [\"a review\", ...]}}")
-    texts = data.get("texts") if isinstance(data, dict) else None
-    if texts is None:
-        return bad(422, 'no "texts" in the body; send {"texts": ["a review", ...]}')
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        return bad(422, '"texts" must be a list of strings')
-    if len(texts) > config["MAX_TEXTS"]:
-        return bad(422, f'{len(texts)} texts in one request; send at most {config["MAX_TEXTS"]} (MAX_TEXTS)')
-    empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
-    if empty is not None:
-        return bad(422, f"texts[{empty}] is empty; every text needs some words")
-    return texts
+        return json.loads(body)
+    except (ValueError, RecursionError) as error:  # RecursionError: brackets nested thousands deep
+        reason = "it is nested too deeply" if isinstance(error, RecursionError) else one_line(error)
+        return JSONResponse({"error": f"the body is not JSON: {reason}; send {example}"}, status_code=400)
+
+
+def text_problem(texts: list[str], field: str = "texts") -> str | None:
+    """What is wrong with the first text that cannot be scored (not valid Unicode, a NUL, no visible characters)."""
+    for i, text in enumerate(texts):
+        where = f"{field}[{i}]" if field == "texts" or len(texts) > 1 else field
+        if "\0" in text:
+            return f"{where} holds a NUL character; send text"
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{where} is not valid Unicode (a lone surrogate such as \\ud800); send UTF-8 text"
+        if not has_words(text):
+            return f"{where} is empty; every text needs some words"
+    return None
+
+
+def option_problem(options) -> str | None:
+    """What is wrong with the Inference format's parameters, if anything."""
+    if not isinstance(options, dict):
+        return '"parameters" must be an object'
+    top_k, function = options.get("top_k"), options.get("function_to_apply")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        return '"parameters.top_k" must be a whole number of at least 1'
+    if function not in (None, "softmax", "sigmoid", "none"):
+        return '"parameters.function_to_apply" must be softmax, sigmoid or none'
+    return None
+
+
+def hf_classification(found: np.ndarray, names: list[str], options: dict) -> list[list[dict]]:
+    """Logits in the Hugging Face Inference format: for each text, its labels best first (top_k of them)."""
+    function = options.get("function_to_apply") or "softmax"
+    scores = softmax(found) if function == "softmax" else 1 / (1 + np.exp(-found)) if function == "sigmoid" else found
+    top_k = options.get("top_k") or len(names)
+    return [[{"label": names[i], "score": float(row[i])} for i in np.argsort(-row, kind="stable")[:top_k]]
+            for row in scores]
+
+
+async def scored(request, batcher: MicroBatcher, texts: list[str]):
+    """The batcher's logits for texts, or the answer when it refuses them; if the client disconnects first, its
+    texts are dropped before compute."""
+    from starlette.responses import JSONResponse
+
+    async def gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work, watch = asyncio.ensure_future(batcher.submit(texts)), asyncio.ensure_future(gone())
+    await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    watch.cancel()
+    if not work.done():
+        work.cancel()  # the client left: nobody to answer
+        return JSONResponse({"error": "the client disconnected"}, status_code=499)
+    try:
+        return np.stack(work.result())
+    except Refused as error:
+        return JSONResponse({"error": str(error)}, status_code=error.status,
+                            headers={"Retry-After": "1"} if error.status == 503 else None)
+
+
+def has_words(text) -> bool:
+    """Whether text holds a visible character: not only spaces, control or format characters (zero-width ones)."""
+    return isinstance(text, str) and any(unicodedata.category(c)[0] not in "CZ" for c in text)
+
+
+def guarded_protocol(max_connections: int, header_timeout_s: float):
+    """uvicorn's HTTP protocol (httptools) with a bound on open connections and a deadline for each request to
+    arrive whole, headers and body: uvicorn has neither, so a half-sent request holds its connection for good."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class Guarded(HttpToolsProtocol):
+        deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.close()  # over the bound: closed before anything is read
+            else:
+                self.arm()
+
+        def on_message_begin(self):
+            super().on_message_begin()
+            self.arm()  # the next request on a kept-alive connection
+
+        def on_message_complete(self):
+            self.disarm()
+            super().on_message_complete()
+
+        def connection_lost(self, exc):
+            self.disarm()
+            super().connection_lost(exc)
+
+        def arm(self):
+            self.disarm()
+            self.deadline = self.loop.call_later(header_timeout_s, self.transport.close)
+
+        def disarm(self):
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+    return Guarded
 
 
 # Ray --------------------------------------------------------------------------------------------------------------

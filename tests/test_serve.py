@@ -100,14 +100,24 @@ def test_64_concurrent_clients_are_all_answered_in_shared_batches(server):
     assert len(answers) == 192 and all(status == 200 for _, status, _ in answers)
     assert all(score == pytest.approx(alone[text], abs=1e-5) for text, _, score in answers if text in alone)
     after = metrics(server)
-    assert after["rows"] - before["rows"] == 50 + 192 and after["requests"] - before["requests"] == 1 + 192
-    assert after["batches"] - before["batches"] < 150  # concurrent requests shared batches (one each would be 193)
+    change = {name: sample(after, name) - sample(before, name)
+              for name in ("sentiment_batch_size_sum", "sentiment_batch_size_count")}
+    answered = [sample(m, "sentiment_requests_total", route="/predict", code="200") for m in (before, after)]
+    assert change["sentiment_batch_size_sum"] == 50 + 192 and answered[1] - answered[0] == 1 + 192
+    assert change["sentiment_batch_size_count"] < 150  # concurrent requests shared batches (one each would be 193)
 
 
-def metrics(url: str) -> dict:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return {line.split()[0].removeprefix("sentiment_").removesuffix("_total"): float(line.split()[1])
-            for line in text.splitlines()}
+def metrics(url: str, headers: dict | None = None) -> dict:
+    """The server's Prometheus samples, parsed by prometheus_client: {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10, headers=headers).text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def sample(found: dict, name: str, **labels) -> float:
+    return found.get((name, frozenset(labels.items())), 0.0)
 
 
 @pytest.mark.parametrize("body, status, reason", [
@@ -145,7 +155,8 @@ def server_thread(score, **settings):
     """build_app with a stand-in model, served by uvicorn on a loopback port in this process."""
     import uvicorn
 
-    config = {"BATCH_SIZE": 8, "MAX_WAIT_MS": 1.0, "MAX_TEXTS": 10, "MAX_BODY_KB": 64, "RUNTIME": "test"} | settings
+    config = {name: getattr(pst, name) for name in pst.SETTINGS} | {
+        "BATCH_SIZE": 8, "MAX_WAIT_MS": 1.0, "MAX_TEXTS": 10, "MAX_BODY_KB": 64, "RUNTIME": "test"} | settings
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(pst.build_app(score, ["NEGATIVE", "POSITIVE"], config), host="127.0.0.1",
                                            port=port, log_level="error"))
@@ -210,20 +221,25 @@ def test_the_micro_batcher_batches_concurrent_callers_without_http():
         return [len(t) for t in texts]
 
     async def callers():
-        batcher = pst.MicroBatcher(score, max_batch=4, max_wait_s=0.2)
+        batcher = pst.MicroBatcher(score, max_batch=4, max_wait_s=0.2, max_queue=30)
         async with batcher:
             started = time.monotonic()
             together = await asyncio.gather(*(batcher.submit(["x" * i, "y" * i]) for i in range(1, 4)))
-            together_seconds = time.monotonic() - started
+            seconds = time.monotonic() - started
             alone = await batcher.submit(["z"])  # nobody joins: it waits max_wait_s, not longer
+            shared = await asyncio.gather(batcher.submit(["boom"]), batcher.submit(["fine"]), return_exceptions=True)
+            fair = await asyncio.gather(batcher.submit(["long"] * 20), batcher.submit(["late"]))
             try:
-                await batcher.submit(["boom", "fine"])
-            except RuntimeError as error:
-                failed = str(error)
-            after = await batcher.submit(["still up"])
-            return together, together_seconds, alone, failed, after, batcher.batches
+                await batcher.submit(["too many"] * 31)
+            except pst.Refused as error:
+                refused = error.status, str(error)
+            return together, seconds, alone, shared, fair, refused, batcher.batches
 
-    together, together_seconds, alone, failed, after, count = asyncio.run(asyncio.wait_for(callers(), 30))
+    together, seconds, alone, shared, fair, refused, count = asyncio.run(asyncio.wait_for(callers(), 30))
     assert together == [[1, 1], [2, 2], [3, 3]]  # each caller gets its own rows, in order
-    assert [len(b) for b in batches[:2]] == [4, 2] and together_seconds < 2  # 6 texts, batches of at most 4
-    assert alone == [1] and failed == "the model broke" and after == [8] and count == len(batches) == 5
+    assert batches[:2] == [["x", "xx", "xxx", "y"], ["yy", "yyy"]] and seconds < 2  # round-robin, 4 at a time
+    assert alone == [1]
+    assert str(shared[0]) == "the model broke" and shared[1] == [4]  # one bad text fails its own request only
+    assert batches[3:6] == [["boom", "fine"], ["boom"], ["fine"]]  # the failed batch, retried text by text
+    assert fair[1] == [4] and batches[6] == ["long", "late", "long", "long"]  # the small request is not stuck
+    assert refused[0] == 503 and "MAX_QUEUE is 30" in refused[1] and count == 10  # 4 + 1 + 5 of the 21
