@@ -63,6 +63,7 @@ PREDICT_FILE_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")  # 
 PREDICTIONS_FILE_TYPES = (".csv", ".jsonl", ".parquet")  # and writes these
 OUTPUT_TYPE = {".tsv": ".csv", ".txt": ".csv", ".json": ".jsonl"}  # in a folder, files of these types become these
 CHUNK_ROWS = 10_000  # --predict-file reads, scores and writes this many rows at a time
+CHARS_PER_TOKEN = 32  # reviews are cut to this many characters a token of MAX_LENGTH before tokenizing: generous
 DELIMITER = {".csv": ",", ".tsv": "\t"}
 log = logging.getLogger("sentiment")
 
@@ -135,7 +136,7 @@ def run_serve(config: dict) -> None:
     model, tokenizer, precision = load_for_inference(config)
     app = build_app(lambda texts: logits(model, tokenizer, texts, config["BATCH_SIZE"], precision),
                     list(model.config.id2label.values()), config)
-    if config["HOST"] not in ("127.0.0.1", "localhost", "::1") and not app.key:
+    if not is_loopback(config["HOST"]) and not app.key:
         log.warning(f"warning: serving on {config['HOST']} without an API key: anyone who reaches this port can use "
                     f"it (set --api-key or SENTIMENT_API_KEY)")
     log.warning(f"Serving {config['RUNTIME']} ({precision}) on http://{config['HOST']}:{config['PORT']} "
@@ -149,6 +150,16 @@ def run_serve(config: dict) -> None:
     if server.refused:
         raise SystemExit(f"error: the drain ran out of its {config['DRAIN_S']:g} s: {server.refused} queued "
                          f"requests were refused (503)")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host is this machine only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def draining_server(config, batcher: MicroBatcher, drain_s: float):
@@ -307,12 +318,15 @@ def encode(tokenizer, texts: list[str]) -> dict:
     backend = tokenizer.backend_tokenizer  # the tokenizers library itself: the same cut with or without transformers
     backend.no_truncation()  # a call of the tokenizer may have left its own settings behind
     backend.no_padding()
-    limit, rows = tokenizer.model_max_length, backend.encode_batch(texts)
+    limit, both_ends = tokenizer.model_max_length, tokenizer.init_kwargs.get("review_truncation", "head") == "head+tail"
+    chars = CHARS_PER_TOKEN * limit  # cut first, in characters: a 1 MB review costs what a long one does
+    rows = backend.encode_batch([t if len(t) <= 2 * chars else t[:chars] + " " + t[-chars:] if both_ends else
+                                 t[:chars] for t in texts])
     word, with_specials = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
     before = with_specials.index(word[0])  # [CLS] and the like
     after = len(with_specials) - before - len(word)  # [SEP] and the like
     budget = limit - before - after
-    head = budget // 4 if tokenizer.init_kwargs.get("review_truncation", "head") == "head+tail" else budget
+    head = budget // 4 if both_ends else budget
     tail = budget - head  # Sun et al. 2019: the head and the tail keep IMDB's verdict best
     fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
     return {key: [ids if len(ids) <= limit else ids[:before + head] + ids[len(ids) - tail - after:]

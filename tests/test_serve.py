@@ -243,3 +243,203 @@ def test_the_micro_batcher_batches_concurrent_callers_without_http():
     assert batches[3:6] == [["boom", "fine"], ["boom"], ["fine"]]  # the failed batch, retried text by text
     assert fair[1] == [4] and batches[6] == ["long", "late", "long", "long"]  # the small request is not stuck
     assert refused[0] == 503 and "MAX_QUEUE is 30" in refused[1] and count == 10  # 4 + 1 + 5 of the 21
+
+
+# A hostile world: bad texts, floods, clients that leave, slow and many connections, strangers, web pages ---------
+
+
+def raw_post(url: str, body: bytes, **headers) -> httpx.Response:
+    return httpx.post(url, content=body, headers={"content-type": "application/json"} | headers, timeout=30)
+
+
+def test_one_bad_text_fails_only_its_own_request(server):
+    good = [t for t, _ in make_reviews(60, seed=40)]
+    bodies = [json.dumps({"texts": [t]}).encode() for t in good]
+    for i in range(0, 60, 6):  # 10 lone surrogates, as JSON allows them, among 60 good requests
+        bodies.insert(i, b'{"texts": ["fine", "\\ud800"]}')
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda body: raw_post(server + "/predict", body), bodies))
+    bad = [a for a, b in zip(answers, bodies) if b"ud800" in b]
+    assert len(bad) == 10 and all(a.status_code == 422 and "texts[1] is not valid Unicode" in a.json()["error"]
+                                  for a in bad)
+    assert [a.status_code for a, b in zip(answers, bodies) if b"ud800" not in b] == [200] * 60
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b'{"texts": ["fine", "a\\u0000b"]}', "texts[1] holds a NUL character"),
+    (json.dumps({"texts": ["\u200b\u200d \ufeff\t\x07"]}).encode(), "texts[0] is empty"),  # zero-width, control
+    (b"[" * 5000 + b"]" * 5000, "the body is not JSON: it is nested too deeply")])  # 10 KB: under MAX_BODY_KB
+def test_texts_without_words_and_deep_json_are_4xx(server, body, reason):
+    answer = raw_post(server + "/predict", body)
+    assert answer.status_code in (400, 422) and reason in answer.json()["error"]
+
+
+def test_a_web_page_cannot_post_without_a_preflight(server):
+    for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        answer = raw_post(server + "/predict", b'{"texts": ["fine"]}', **{"content-type": kind})
+        assert answer.status_code == 415 and "is not accepted; send application/json" in answer.json()["error"]
+    no_type = httpx.post(server + "/predict", content=b'{"texts": ["fine"]}', timeout=10)  # curl -d sends none
+    assert no_type.status_code == 200
+
+
+def test_metrics_are_prometheus_s_and_count_every_answer(server):
+    httpx.post(server + "/nowhere", json={}, timeout=10)
+    raw_post(server + "/predict", b"{not json")
+    text = httpx.get(server + "/metrics", timeout=10).text
+    assert "# HELP sentiment_requests_total" in text and "# TYPE sentiment_request_seconds histogram" in text
+    found = metrics(server)
+    assert sample(found, "sentiment_requests_total", route="/predict", code="400") >= 1
+    assert sample(found, "sentiment_requests_total", route="other", code="404") >= 1
+    assert ("sentiment_queue_texts", frozenset()) in found
+    assert sample(found, "sentiment_batch_size_count") >= 1
+
+
+def test_the_hugging_face_inference_client_classifies_through_the_server(server, monkeypatch):
+    from huggingface_hub import InferenceClient, constants
+
+    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)  # it refuses every URL offline; this one is local
+    client = InferenceClient(base_url=server)
+    labels = client.text_classification("the movie was great and wonderful")
+    ours = post(server, ["the movie was great and wonderful"]).json()["predictions"][0]
+    assert [x.label for x in labels] == sorted(ours["scores"], key=ours["scores"].get, reverse=True)  # best first
+    assert [x.score for x in labels] == pytest.approx(sorted(ours["scores"].values(), reverse=True), abs=1e-6)
+    top = client.text_classification("awful boring , the worst", top_k=1, function_to_apply="none")
+    assert len(top) == 1 and top[0].label == "NEGATIVE" or top[0].score > 0  # raw logits, not probabilities
+    many = httpx.post(server, json={"inputs": ["great", "awful"], "parameters": {"top_k": 2}}, timeout=10).json()
+    assert len(many) == 2 and all(len(row) == 2 for row in many)
+    assert httpx.post(server, json={"inputs": "x", "parameters": {"top_k": 0}}, timeout=10).status_code == 422
+
+
+def test_a_full_queue_refuses_with_retry_after_and_health_says_so():
+    def slow(texts):
+        time.sleep(0.3)
+        return stand_in(texts)
+
+    with server_thread(slow, MAX_QUEUE=12, BATCH_SIZE=4) as url, ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda _: post(url, ["fine"] * 4), range(24)))
+        assert httpx.get(url + "/health", timeout=5).status_code in (200, 503)  # answers, whatever the load
+        codes = [a.status_code for a in answers]
+        refused = [a for a in answers if a.status_code == 503]
+        assert codes.count(200) >= 3 and refused and set(codes) <= {200, 503}
+        assert refused[0].headers["retry-after"] == "1" and "MAX_QUEUE is 12" in refused[0].json()["error"]
+        health = httpx.get(url + "/health", timeout=5).json()
+        assert health["status"] == "ok" and health["queued"] == 0  # drained again
+
+
+def test_a_request_past_its_deadline_gets_504_and_is_not_scored():
+    scored = []
+
+    def slow(texts):
+        scored.extend(texts)
+        time.sleep(1.0)
+        return stand_in(texts)
+
+    with server_thread(slow, REQUEST_TIMEOUT_S=0.4, BATCH_SIZE=2) as url, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(post, url, ["one", "two"])
+        time.sleep(0.1)
+        late = post(url, ["three", "four"])  # waits behind a 1 s batch, past its 0.4 s
+        assert late.status_code == 504 and "REQUEST_TIMEOUT_S (0.4 s)" in late.json()["error"]
+        assert first.result().status_code == 504  # its batch ran past 0.4 s too
+    assert "three" not in scored and "four" not in scored
+
+
+def test_texts_of_clients_that_left_are_not_scored():
+    scored = []
+
+    def slow(texts):
+        scored.extend(texts)
+        time.sleep(0.2)
+        return stand_in(texts)
+
+    with server_thread(slow, BATCH_SIZE=8, MAX_TEXTS=256) as url:
+        def leaves(i: int):
+            try:
+                httpx.post(url + "/predict", json={"texts": [f"gone {i}"] * 64}, timeout=0.1)
+            except httpx.TimeoutException:
+                pass  # hung up after 0.1 s
+
+        with ThreadPoolExecutor(10) as pool:
+            list(pool.map(leaves, range(10)))  # 640 texts asked for, every client gone at 0.1 s
+        time.sleep(1.0)
+        started = time.monotonic()
+        assert post(url, ["still here"]).status_code == 200
+        assert time.monotonic() - started < 1.5  # not behind 80 batches of 0.2 s
+    assert len(scored) < 100  # at most the batches already running when they left
+
+
+def test_the_tokenizer_never_sees_more_than_a_bounded_cut(exported):
+    model, tokenizer = pst.load_onnx(exported / "onnx", int8=False)
+    seen, encode_batch = [], tokenizer.backend_tokenizer.encode_batch
+    huge = "great " * 200_000 + "awful , the worst"  # 1.2 MB of one review
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tokenizer.backend_tokenizer_real, name)
+
+        def encode_batch(self, texts):
+            seen.extend(len(t) for t in texts)
+            return encode_batch(texts)
+
+    tokenizer.backend_tokenizer_real, tokenizer.backend_tokenizer = tokenizer.backend_tokenizer, Spy()
+    found = pst.encode(tokenizer, [huge])["input_ids"][0]
+    tokenizer.backend_tokenizer = tokenizer.backend_tokenizer_real
+    assert max(seen) < 100 * tokenizer.model_max_length  # characters handed to the tokenizer
+    assert found == pst.encode(tokenizer, ["great " * 100 + "awful , the worst"])["input_ids"][0]  # the same cut
+
+
+@pytest.fixture(scope="module")
+def guarded(exported):
+    with server_process("predict_sentiment.py", exported, "--runtime", "onnx", "--api-key", "s3cret",
+                        "--header-timeout-s", "1", "--max-connections", "24") as (url, process):
+        yield url, process
+
+
+def test_an_api_key_guards_every_route_but_health(guarded):
+    url, _ = guarded
+    assert httpx.get(url + "/health", timeout=5).status_code == 200
+    for answer in (httpx.post(url + "/predict", json={"texts": ["fine"]}, timeout=5),
+                   httpx.get(url + "/metrics", timeout=5), httpx.post(url, json={"inputs": "fine"}, timeout=5),
+                   httpx.post(url + "/predict", json={"texts": ["fine"]}, timeout=5,
+                              headers={"authorization": "Bearer s3cre"})):
+        assert answer.status_code == 401 and answer.headers["www-authenticate"] == "Bearer"
+    key = {"authorization": "Bearer s3cret"}
+    assert httpx.post(url + "/predict", json={"texts": ["fine"]}, timeout=5, headers=key).status_code == 200
+    assert sample(metrics(url, key), "sentiment_requests_total", route="/predict", code="401") == 2
+
+
+def test_slow_and_many_connections_are_closed_and_health_still_answers(guarded):
+    url, _ = guarded
+    port = int(url.rsplit(":", 1)[1])
+    sockets = []
+    try:
+        for _ in range(60):  # half-sent requests, 60 of them: more than MAX_CONNECTIONS
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n")
+            sockets.append(s)
+        started = time.monotonic()
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+        assert time.monotonic() - started < 3
+        time.sleep(1.5)  # past HEADER_TIMEOUT_S: every half-sent request's connection is closed
+        closed = 0
+        for s in sockets:
+            s.settimeout(2)
+            try:
+                closed += s.recv(100) == b""
+            except (ConnectionResetError, socket.timeout):
+                closed += isinstance(sys.exc_info()[1], ConnectionResetError)
+        assert closed == 60
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def test_a_drain_that_runs_out_of_time_refuses_the_rest_and_exits_1(exported):
+    with server_process("predict_sentiment.py", exported, "--runtime", "onnx", "--max-wait-ms", "2000",
+                        "--batch-size", "64", "--drain-s", "0.3") as (url, process), ThreadPoolExecutor(8) as pool:
+        pending = [pool.submit(post, url, ["the movie was great"]) for _ in range(8)]
+        time.sleep(0.5)  # queued: waiting 2 s for the batch to fill
+        process.send_signal(signal.SIGTERM)
+        codes = sorted(p.result(timeout=30).status_code for p in pending)
+        assert process.wait(timeout=30) == 1
+        assert codes == [503] * 8
+        assert "the drain ran out of its 0.3 s: 8 queued requests were refused" in process.communicate()[1]
