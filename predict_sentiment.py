@@ -85,7 +85,7 @@ def run_mode(config: dict, args: argparse.Namespace) -> None:
 
 def run_predict(config: dict, texts: list[str]) -> None:
     """--predict: classify the given texts (or stdin's lines) and print each with its label and probability."""
-    reviews = read_stdin_reviews() if texts == ["-"] else texts
+    reviews = read_stdin_reviews() if texts == ["-"] else argument_reviews(texts)
     if not reviews:
         raise InputError("no reviews on stdin; pass one review per line, or the texts after --predict")
     model, tokenizer, precision = load_for_inference(config)
@@ -105,14 +105,20 @@ def run_predict_file(config: dict, source: str, target: str | None, quiet: bool)
     if folder.suffix.lower() in PREDICTIONS_FILE_TYPES or (folder.exists() and not folder.is_dir()):
         raise InputError(f"--predictions {str(folder)!r} must be a folder when --predict-file names several files")
     pairs = output_files(sources, source, folder)
-    todo = [(s, t) for s, t in pairs if not (t.exists() and t.stat().st_mtime >= s.stat().st_mtime)]
-    if len(todo) < len(pairs):
-        log.info(f"{len(pairs) - len(todo)} of {len(pairs)} files were scored before; scoring the other {len(todo)}")
+    todo = stale_outputs(pairs, model_record(config))
     loaded, failed = load_for_inference(config) if todo else None, []
-    for src, dst in todo:
+    for src, dst, record in todo:
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
-            score_file(loaded, src, dst, check_text_column(src, config["TEXT_COLUMN"]), config["BATCH_SIZE"], quiet)
+            with output_lock(dst) as ours:
+                if not ours:  # first one wins: another scorer holds this output
+                    log.warning(f"warning: {dst} is being scored by another process; skipped it")
+                elif why_stale(dst, record):  # not finished by another scorer meanwhile
+                    score_file(loaded, src, dst, check_text_column(src, config["TEXT_COLUMN"]),
+                               config["BATCH_SIZE"], quiet)
+                    write_record(dst, record)
+        except WriteError:
+            raise  # a full disk or a permission: nothing after it would fare better
         except InputError as error:  # one bad file: say which, keep going; the finished outputs stay
             print(f"error: {error}", file=sys.stderr)
             failed.append(src)
@@ -365,7 +371,8 @@ def softmax(x: np.ndarray) -> np.ndarray:
 def print_predictions(texts: list[str], predictions: list[tuple[str, float]]) -> None:
     """Print each review (shortened to one line) with its predicted label and probability."""
     for text, (label, score) in zip(texts, predictions):
-        shown = " ".join(text.split())
+        shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode()  # no terminal codes
+                        for c in " ".join(text.split()))
         shown = shown if len(shown) <= 100 else shown[:97] + "..."
         print(f'Review: "{shown}"\nPrediction: {label} ({score:.2f})')
 
@@ -376,27 +383,32 @@ def print_predictions(texts: list[str], predictions: list[tuple[str, float]]) ->
 def score_file(loaded: tuple, source: Path, target: Path, column: str, batch_size: int, quiet: bool) -> None:
     """Score every row of source into target (every input column kept, plus the prediction), streaming in chunks;
     target is written under a temporary name and takes its own only when complete."""
-    tmp, rows, empty, started = target.with_name(f".{target.name}.tmp"), 0, 0, time.perf_counter()
+    rows, empty, started = 0, 0, time.perf_counter()
     bar = None if quiet else progress_bar(source)
     try:
-        with open_writer(tmp, target.suffix.lower()) as write:
-            for chunk in read_chunks(source, column):  # a row that cannot be read or written: InputError
-                scored, without_text = predict_column(loaded, chunk, column, batch_size)
-                try:
-                    write(scored)
-                except InputError as error:
-                    raise InputError(f"{str(source)!r}, rows {rows + 1}-{rows + len(chunk)}: {error}") from error
-                rows, empty = rows + len(chunk), empty + without_text
-                if bar is not None:
-                    bar.update(len(chunk))
-        os.replace(tmp, target)  # only a complete file takes the name; an earlier one stays until then
+        with temporary_file(target) as (tmp, handle):
+            with open_writer(handle, target.suffix.lower()) as write:
+                for chunk in read_chunks(source, column):  # a row that cannot be read or written: InputError
+                    scored, without_text = predict_column(loaded, chunk, column, batch_size)
+                    try:
+                        write(scored)
+                    except InputError as error:
+                        raise InputError(f"{str(source)!r}, rows {rows + 1}-{rows + len(chunk)}: {error}"
+                                         ) from error
+                    rows, empty = rows + len(chunk), empty + without_text
+                    if bar is not None:
+                        bar.update(len(chunk))
+            handle.close()
+            os.replace(tmp, target)  # only a complete file takes the name; an earlier one stays until then
+    except OSError as error:  # writing: reading errors are InputErrors already
+        raise WriteError(f"could not write {str(target)!r}: {error.strerror or one_line(error)}; the earlier "
+                         f"outputs are intact") from error
     finally:
-        tmp.unlink(missing_ok=True)
         if bar is not None:
             bar.close()
     if empty:
-        log.warning(f"warning: {source}: {empty} of {rows} rows have no text; their predicted_label and "
-                    f"predicted_score are empty")
+        log.warning(f"warning: {source}: {empty} of {rows} rows have no text (or text that is not valid Unicode); "
+                    f"their predicted_label and predicted_score are empty")
     seconds = time.perf_counter() - started
     print(f"Scored {rows} rows in {seconds:.1f}s ({rows / max(seconds, 1e-9):.0f} rows/s): {target}")
 
@@ -407,7 +419,7 @@ def predict_column(loaded: tuple, frame, column: str, batch_size: int):
     import pandas as pd
 
     model, tokenizer, precision = loaded
-    usable = [isinstance(t, str) and bool(t.strip()) for t in frame[column]]
+    usable = [has_words(t) and valid_unicode(t) for t in frame[column]]
     scored = iter(predict(model, tokenizer, list(frame[column][usable]), batch_size, precision))
     pairs = [next(scored) if ok else (None, None) for ok in usable]  # typed: a chunk may be all empty
     return frame.assign(predicted_label=pd.Series([p[0] for p in pairs], dtype="string", index=frame.index),
@@ -430,28 +442,49 @@ def input_files(source: str) -> tuple[list[Path], bool]:
             raise InputError(f"input file {str(path)!r} must end in one of {', '.join(PREDICT_FILE_TYPES)}")
         return [path], False
     if path.is_dir():
-        found = [p for p in sorted(path.rglob("*")) if p.is_file() and not any(
-            part.startswith(".") for part in p.relative_to(path).parts)]  # hidden files and folders: not reviews
-    elif glob.has_magic(source):
-        found = [Path(p) for p in sorted(glob.glob(os.path.expanduser(source), recursive=True)) if Path(p).is_file()]
+        found = [p for p in walk(path) if not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    elif glob.has_magic(source):  # hidden files and folders above: not reviews
+        root = Path(os.path.expanduser(source.split("*")[0].split("?")[0].split("[")[0]) or ".")
+        root = root if root.is_dir() else root.parent
+        found = [Path(p) for p in sorted(glob.glob(os.path.expanduser(source), recursive=True))
+                 if Path(p).is_file() and not through_linked_folder(Path(p), root)]
     else:
         raise InputError(f"input file {str(path)!r} does not exist")
-    found = [p for p in found if p.suffix.lower() in PREDICT_FILE_TYPES]
+    seen = set()  # a file reached twice (two links to it) is scored once
+    found = [p for p in found if p.suffix.lower() in PREDICT_FILE_TYPES and not (
+        p.resolve() in seen or seen.add(p.resolve()))]
     if not found:
         raise InputError(f"no {', '.join(PREDICT_FILE_TYPES)} files in {source!r}")
     return found, True
+
+
+def walk(folder: Path) -> list[Path]:
+    """Every file under folder, in order, without entering linked folders (out of the tree, or into a loop)."""
+    found = []
+    for top, folders, files in os.walk(folder, followlinks=False):
+        folders.sort()
+        found += [Path(top) / name for name in sorted(files) if (Path(top) / name).is_file()]
+    return found
+
+
+def through_linked_folder(path: Path, root: Path) -> bool:
+    """Whether path lies under root by way of a linked folder."""
+    try:
+        parts = path.relative_to(root).parts[:-1]
+    except ValueError:
+        return False
+    return any((root.joinpath(*parts[:i + 1])).is_symlink() for i in range(len(parts)))
 
 
 def output_files(sources: list[Path], source: str, folder: Path) -> list[tuple[Path, Path]]:
     """Pair each input with its output in folder: the same relative path, as csv, jsonl or parquet."""
     root = Path(source).expanduser() if Path(source).expanduser().is_dir() else Path(os.path.commonpath(
         [p.parent for p in sources]))
-    if folder.resolve() == root.resolve():
-        raise InputError("--predictions must be a folder other than the input folder")
+    if folder.resolve() == root.resolve() or root.resolve() in folder.resolve().parents:
+        raise InputError(f"--predictions {str(folder)!r} is inside the input folder {str(root)!r}, where it could "
+                         f"write over inputs; name a folder outside it")
     pairs, taken = [], {}
     for src in sources:
-        if folder.resolve() in src.resolve().parents:  # an earlier run's output inside the input folder
-            continue
         kind = src.suffix.lower()
         dst = folder / src.relative_to(root).with_suffix(OUTPUT_TYPE.get(kind, kind))
         if dst.resolve() in taken:
@@ -460,6 +493,112 @@ def output_files(sources: list[Path], source: str, folder: Path) -> list[tuple[P
         taken[dst.resolve()] = src
         pairs.append((src, dst))
     return pairs
+
+
+def model_record(config: dict) -> dict:
+    """What, besides an input, decides its output: a hash of the model's files, the runtime, precision, text
+    column, and the cut (MAX_LENGTH, TRUNCATION) saved with the model."""
+    import hashlib
+
+    if config["RUNTIME"] == "torch":
+        folder = Path(config["OUTPUT_DIR"]) / "adapter"
+        files = sorted(p for p in folder.glob("*") if p.is_file())
+        saved = json.loads((folder / "tokenizer_config.json").read_text()) if files else {}
+        cut = saved.get("model_max_length"), saved.get("review_truncation", "head")
+    else:
+        folder = Path(config["OUTPUT_DIR"]) / "onnx"
+        files = [folder / n for n in ("model_int8.onnx" if config["RUNTIME"] == "onnx-int8" else "model.onnx",
+                                      "tokenizer.json", "config.json") if (folder / n).exists()]
+        saved = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+        cut = saved.get("max_length"), saved.get("truncation")
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as data:
+            while block := data.read(1 << 20):
+                digest.update(block)
+    return {"model": digest.hexdigest(), "runtime": config["RUNTIME"], "precision": config["PRECISION"],
+            "text_column": config["TEXT_COLUMN"], "max_length": cut[0], "truncation": cut[1]}
+
+
+RECORD_CHANGES = {"runtime": "RUNTIME changed", "model": "the model changed", "precision": "PRECISION changed",
+                  "text_column": "TEXT_COLUMN changed", "max_length": "MAX_LENGTH changed",
+                  "truncation": "TRUNCATION changed", "input": "the input changed"}  # what why_stale() says
+
+
+def stale_outputs(pairs: list[tuple[Path, Path]], model: dict) -> list[tuple[Path, Path, dict]]:
+    """The (input, output, record) of every output to write: missing, or recorded from another model, settings or
+    input (its size and mtime in ns); says how many are up to date and why the others are not."""
+    todo, reasons = [], collections.Counter()
+    for src, dst in pairs:
+        stat = src.stat()  # before scoring: an input changed while it is scored is scored again next time
+        record = model | {"input": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}}
+        why = why_stale(dst, record)
+        if why:
+            todo.append((src, dst, record))
+            reasons[why] += why != "not scored yet"
+    if len(todo) < len(pairs) or +reasons:
+        because = ", ".join(f"{count}: {why}" for why, count in (+reasons).items())
+        log.info(f"{len(pairs) - len(todo)} of {len(pairs)} files were scored before; scoring the other {len(todo)}"
+                 + (f" ({because})" if because else ""))
+    return todo
+
+
+def why_stale(output: Path, record: dict) -> str | None:
+    """Why output must be written (again), or None where its record says it came from record's model and input."""
+    if not output.exists():
+        return "not scored yet"
+    try:
+        saved = json.loads(record_path(output).read_text())
+    except (OSError, ValueError):
+        return "no record of what scored it"
+    return next((RECORD_CHANGES[key] for key in RECORD_CHANGES if saved.get(key) != record[key]), None)
+
+
+def record_path(output: Path) -> Path:
+    """The hidden file beside an output that records what produced it."""
+    return output.with_name(f".{output.name}.record.json")
+
+
+def write_record(output: Path, record: dict) -> None:
+    """Write output's record, atomically."""
+    with temporary_file(record_path(output)) as (tmp, handle):
+        handle.write(json.dumps(record, indent=1).encode())
+        handle.close()
+        os.replace(tmp, record_path(output))
+
+
+@contextmanager
+def output_lock(output: Path):
+    """Yield True while this process alone writes output (an advisory lock beside it), False where another does."""
+    import fcntl
+
+    lock = output.with_name(f".{output.name}.lock")
+    handle = os.open(lock, os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(handle)
+
+
+@contextmanager
+def temporary_file(target: Path):
+    """Yield (path, binary handle) of a new, uniquely named file beside target (created exclusively, so never
+    through a planted link); it is removed unless the caller renamed it."""
+    import tempfile
+
+    handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as opened:
+            yield Path(name), opened
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def check_target(source: Path, target: Path) -> None:
@@ -481,6 +620,15 @@ def check_text_column(source: Path, column: str) -> str:
         raise InputError(f"text column {column!r} not found in {str(source)!r}; it has columns: "
                          f"{', '.join(map(str, first.columns))} (set --text-column)")
     return column
+
+
+def argument_reviews(texts: list[str]) -> list[str]:
+    """The --predict texts that are valid text; bytes that were not UTF-8 (Python keeps them as lone surrogates)
+    are skipped with a warning."""
+    for number, text in enumerate(texts, start=1):
+        if not valid_unicode(text):
+            log.warning(f"warning: skipping --predict text {number}: not valid UTF-8 text")
+    return [t for t in texts if valid_unicode(t)]
 
 
 def read_stdin_reviews() -> list[str]:
@@ -523,30 +671,30 @@ def file_chunks(path: Path, text_column: str, rows: int):
 
     kind = path.suffix.lower()
     if kind in (".csv", ".tsv"):
-        yield from pd.read_csv(path, sep=DELIMITER[kind], dtype=str, keep_default_na=False,
-                               chunksize=rows)
+        yield from pd.read_csv(path, sep=DELIMITER[kind], dtype=str, keep_default_na=False, chunksize=rows,
+                               encoding="utf-8-sig")  # -sig: a byte-order mark is skipped, not read as text
     elif kind == ".jsonl":
-        yield from pd.read_json(path, lines=True, dtype=False, chunksize=rows)
+        yield from pd.read_json(path, lines=True, dtype=False, chunksize=rows, encoding="utf-8-sig")
     elif kind == ".json":  # one JSON array cannot be read in pieces; .jsonl can
-        frame = pd.read_json(path, dtype=False)
+        frame = pd.read_json(path, dtype=False, encoding="utf-8-sig")
         yield from (frame[start:start + rows] for start in range(0, max(len(frame), 1), rows))
     elif kind == ".parquet":
         import pyarrow.parquet as pq
 
         yield from (batch.to_pandas() for batch in pq.ParquetFile(path).iter_batches(batch_size=rows))
     else:  # .txt: one review per line
-        with open(path, encoding="utf-8", errors="replace", newline="") as lines:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as lines:
             while chunk := [line.rstrip("\r\n") for line in itertools.islice(lines, rows)]:
                 yield pd.DataFrame({text_column: chunk})
 
 
-def open_writer(path: Path, kind: str):
-    """A context that yields write(frame), which appends rows to path as csv, jsonl or parquet (kind)."""
-    return parquet_writer(path) if kind == ".parquet" else text_writer(path, kind)
+def open_writer(out, kind: str):
+    """A context that yields write(frame), which appends rows to the open binary file out as csv, jsonl or parquet."""
+    return parquet_writer(out) if kind == ".parquet" else text_writer(out, kind)
 
 
 @contextmanager
-def parquet_writer(path: Path):
+def parquet_writer(path):
     """Yield write(frame), which appends rows to a parquet file; the first rows set the column types."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -580,16 +728,20 @@ def parquet_writer(path: Path):
 
 
 @contextmanager
-def text_writer(path: Path, kind: str):
-    """Yield write(frame), which appends rows to a csv (header first) or jsonl file."""
-    with open(path, "w", encoding="utf-8", newline="") as out:
-        def write(frame):
-            if kind == ".csv":
-                frame.to_csv(out, header=out.tell() == 0, index=False)
-            elif len(frame):
-                out.write(frame.to_json(orient="records", lines=True, force_ascii=False).rstrip("\n") + "\n")
+def text_writer(binary, kind: str):
+    """Yield write(frame), which appends rows to a csv (header first) or jsonl file, open in binary."""
+    import io
 
-        yield write
+    out = io.TextIOWrapper(binary, encoding="utf-8", newline="", write_through=True)
+
+    def write(frame):
+        if kind == ".csv":
+            frame.to_csv(out, header=binary.tell() == 0, index=False)
+        elif len(frame):
+            out.write(frame.to_json(orient="records", lines=True, force_ascii=False).rstrip("\n") + "\n")
+
+    yield write
+    out.detach()  # the caller closes the file
 
 
 # The HTTP service -------------------------------------------------------------------------------------------------
@@ -887,9 +1039,7 @@ def text_problem(texts: list[str], field: str = "texts") -> str | None:
         where = f"{field}[{i}]" if field == "texts" or len(texts) > 1 else field
         if "\0" in text:
             return f"{where} holds a NUL character; send text"
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
+        if not valid_unicode(text):
             return f"{where} is not valid Unicode (a lone surrogate such as \\ud800); send UTF-8 text"
         if not has_words(text):
             return f"{where} is empty; every text needs some words"
@@ -937,6 +1087,15 @@ async def scored(request, batcher: MicroBatcher, texts: list[str]):
     except Refused as error:
         return JSONResponse({"error": str(error)}, status_code=error.status,
                             headers={"Retry-After": "1"} if error.status == 503 else None)
+
+
+def valid_unicode(text: str) -> bool:
+    """Whether text can be encoded as UTF-8 (no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def has_words(text) -> bool:
@@ -1030,6 +1189,10 @@ class RayScorer:
 
 class InputError(Exception):
     """A problem with the user's input: printed as one line, exit code 2."""
+
+
+class WriteError(InputError):
+    """An output that could not be written (a full disk, a permission): it ends a folder run too."""
 
 
 def main(argv: list[str] | None = None) -> int:

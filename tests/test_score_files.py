@@ -45,7 +45,8 @@ def test_a_folder_gets_one_output_per_file_every_column_kept_and_a_rerun_resumes
             "--predictions", str(tmp_path / "out")]
     assert pst.main(base) == 0
     written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
-    assert written == sorted(OUTPUT.values())
+    assert written == sorted(list(OUTPUT.values()) + [  # each with a hidden record of what scored it
+        str(Path(v).with_name(f".{Path(v).name}.record.json")) for v in OUTPUT.values()])
     for name, frame in frames.items():
         result = READ[Path(OUTPUT[name]).suffix](tmp_path / "out" / OUTPUT[name])
         assert list(result.columns) == list(frame.columns) + ["predicted_label", "predicted_score"], name
@@ -63,8 +64,8 @@ def test_a_folder_gets_one_output_per_file_every_column_kept_and_a_rerun_resumes
     (tmp_path / "in" / "a.csv").touch()  # an input changed since: scored again, alone
     assert pst.main(base) == 0
     assert "3 of 4 files were scored before; scoring the other 1" in capsys.readouterr().err
-    changed = [p.name for p in stamps if p.stat().st_mtime_ns != stamps[p]]
-    assert changed == ["a.csv"]
+    changed = sorted(p.name for p in stamps if p.stat().st_mtime_ns != stamps[p])
+    assert changed == [".a.csv.record.json", "a.csv"]
 
 
 def test_a_bad_file_is_named_and_the_others_are_scored(exported, tmp_path, capsys):
@@ -81,7 +82,8 @@ def test_a_bad_file_is_named_and_the_others_are_scored(exported, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert any(line.startswith("error: could not read ") and "two.jsonl' after row 0" in line for line in err), err
     assert err[-1].startswith("error: 1 of 3 files could not be scored") and "a rerun scores only" in err[-1]
-    assert sorted(p.name for p in out.iterdir()) == ["one.csv", "three.csv", "two.jsonl"]  # no temporary files
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".record.json")) == [
+        "one.csv", "three.csv", "two.jsonl"]  # no temporary files
     assert (out / "two.jsonl").read_text() == "an earlier run's output\n"
     (folder / "two.jsonl").write_text('{"text": "great"}\n{"text": "awful"}\n')  # fixed: the rerun scores it alone
     assert pst.main(args) == 0
@@ -93,14 +95,17 @@ def test_a_glob_and_the_folder_errors(exported, tmp_path, capsys):
     reviews_folder(tmp_path / "in")
     base = ["--output-dir", str(exported), "--runtime", "onnx", "--predict-file"]
     assert pst.main(base + [str(tmp_path / "in" / "*.csv"), "--predictions", str(tmp_path / "out"), "--quiet"]) == 0
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.csv"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".a.csv.record.json", "a.csv"]
     (tmp_path / "in" / "a.txt").write_text("great\n")
     message = fails_with(base + [str(tmp_path / "in"), "--predictions", str(tmp_path / "o2")], capsys)
     assert "would both be scored into" in message and "a.txt" in message
     message = fails_with(base + [str(tmp_path / "in"), "--predictions", str(tmp_path / "out.csv")], capsys)
     assert "must be a folder when --predict-file names several files" in message
-    message = fails_with(base + [str(tmp_path / "in"), "--predictions", str(tmp_path / "in")], capsys)
-    assert "a folder other than the input folder" in message
+    before = (tmp_path / "in" / "sub" / "b.jsonl").read_bytes()
+    for inside in (tmp_path / "in", tmp_path / "in" / "sub"):  # in/sub/b.jsonl would be written over by b.jsonl
+        message = fails_with(base + [str(tmp_path / "in"), "--predictions", str(inside)], capsys)
+        assert "is inside the input folder" in message and "could write over inputs" in message
+    assert (tmp_path / "in" / "sub" / "b.jsonl").read_bytes() == before
     assert "no .csv, .tsv" in fails_with(base + [str(tmp_path / "in" / "*.xlsx")], capsys)
 
 
@@ -158,3 +163,104 @@ def test_ray_errors(exported, tmp_path, capsys):
     message = fails_with(base + ["--runtime", "onnx", "--predict-file", str(tmp_path / "in"), "--predictions",
                                  str(tmp_path / "out")], capsys)
     assert "exists; Ray writes a new folder" in message
+
+
+def scored_files(exported: Path, source: Path, out: Path, *flags: str) -> list[str]:
+    """Score source into out as a user would; return the lines it logged."""
+    result = subprocess.run([sys.executable, str(ROOT / "predict_sentiment.py"), "--output-dir", str(exported),
+                             "--predict-file", str(source), "--predictions", str(out), *flags],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stderr.splitlines()
+
+
+def test_a_rerun_rescores_what_another_model_setting_or_input_produced(exported, tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for name in ("a", "b"):
+        pd.DataFrame({"text": ["great film", "awful film"], "review": ["awful", "great"]}).to_csv(
+            folder / f"{name}.csv", index=False)
+    scored_files(exported, folder, out, "--runtime", "onnx")
+    said = scored_files(exported, folder, out, "--runtime", "onnx-int8")
+    assert any("0 of 2 files were scored before; scoring the other 2 (2: RUNTIME changed)" in s for s in said), said
+    said = scored_files(exported, folder, out, "--runtime", "onnx-int8", "--text-column", "review")
+    assert any("(2: TEXT_COLUMN changed)" in s for s in said), said
+    assert list(pd.read_csv(out / "a.csv")["predicted_label"]) == ["NEGATIVE", "POSITIVE"]  # of the review column
+    old = (folder / "a.csv").stat()
+    pd.DataFrame({"text": ["awful film", "great film"], "review": ["great", "awful"]}).to_csv(
+        tmp_path / "new.csv", index=False)  # as cp -p leaves it: other content, an old mtime
+    os.replace(tmp_path / "new.csv", folder / "a.csv")
+    os.utime(folder / "a.csv", ns=(old.st_atime_ns, old.st_mtime_ns - 10**9))
+    said = scored_files(exported, folder, out, "--runtime", "onnx-int8", "--text-column", "review")
+    assert any("1 of 2 files were scored before; scoring the other 1 (1: the input changed)" in s for s in said)
+    assert list(pd.read_csv(out / "a.csv")["predicted_label"]) == ["POSITIVE", "NEGATIVE"]
+    (exported / "onnx" / "config.json").touch()  # the same model: its files' bytes decide, not their dates
+    said = scored_files(exported, folder, out, "--runtime", "onnx-int8", "--text-column", "review")
+    assert any("2 of 2 files were scored before; scoring the other 0" in s for s in said), said
+
+
+def test_two_scorers_on_one_folder_never_corrupt_an_output(exported, tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    rows = [t for t, _ in make_reviews(3000, seed=50)]
+    for name in ("a", "b", "c"):
+        pd.DataFrame({"text": rows}).to_csv(folder / f"{name}.csv", index=False)
+    command = [sys.executable, str(ROOT / "predict_sentiment.py"), "--output-dir", str(exported), "--runtime",
+               "onnx-int8", "--predict-file", str(folder), "--predictions", str(out), "--quiet"]
+    both = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=180)[1] for p in both]
+    assert [p.returncode for p in both] == [0, 0] and "Traceback" not in "".join(errors), errors
+    for name in ("a", "b", "c"):
+        assert len(pd.read_csv(out / f"{name}.csv")) == 3000  # whole, whoever wrote it
+    assert not [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".lock"))]
+
+
+def test_a_planted_link_at_a_temporary_name_is_never_followed(exported, tmp_path):
+    (tmp_path / "in.csv").write_text("text\ngreat film\n")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "out").mkdir()
+    os.symlink(victim, tmp_path / "out" / ".a.csv.tmp")  # the old fixed temporary name
+    assert pst.main(["--output-dir", str(exported), "--runtime", "onnx", "--predict-file", str(tmp_path / "in.csv"),
+                     "--predictions", str(tmp_path / "out" / "a.csv"), "--quiet"]) == 0
+    assert victim.read_text() == "keep me" and not (tmp_path / "out" / "a.csv").is_symlink()
+
+
+def test_a_bom_and_a_link_loop_and_rows_that_cannot_be_encoded(exported, tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    (folder / "deep").mkdir(parents=True)
+    (folder / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "great film"}\n{"text": "awful film"}\n')  # a BOM
+    os.symlink(folder, folder / "deep" / "loop")  # a folder link back up: a loop
+    assert pst.main(["--output-dir", str(exported), "--runtime", "onnx", "--predict-file", str(folder / "**" / "*.jsonl"),
+                     "--predictions", str(out), "--quiet"]) == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.jsonl")) == ["a.jsonl"]  # once, not once a loop
+    assert pd.read_json(out / "a.jsonl", lines=True)["text"].tolist() == ["great film", "awful film"]
+    assert pst.main(["--output-dir", str(exported), "--runtime", "onnx", "--predict-file", str(folder),
+                     "--predictions", str(tmp_path / "out2"), "--quiet"]) == 0
+    assert sorted(str(p.relative_to(tmp_path / "out2")) for p in (tmp_path / "out2").rglob("*.jsonl")) == ["a.jsonl"]
+    model, tokenizer = pst.load_onnx(exported / "onnx", int8=False)
+    frame = pd.DataFrame({"text": pd.Series(["great film", "bad \ud800 row", "\u200b", "awful film"], dtype=object)})
+    scored, without = pst.predict_column((model, tokenizer, "onnx"), frame, "text", 8)  # no reader makes the 2nd
+    assert without == 2 and scored["predicted_label"].isna().tolist() == [False, True, True, False]
+
+
+def test_a_full_disk_ends_with_one_line_and_keeps_the_earlier_outputs(exported, tmp_path, monkeypatch, capsys):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for name in ("a", "b"):
+        pd.DataFrame({"text": ["great film"]}).to_csv(folder / f"{name}.csv", index=False)
+    base = ["--output-dir", str(exported), "--runtime", "onnx", "--predict-file", str(folder), "--predictions", str(out)]
+    assert pst.main(base + ["--quiet"]) == 0
+    before = (out / "a.csv").read_bytes()
+    os.utime(folder / "a.csv", ns=(1, 1))  # changed: to be scored again
+    real = os.replace
+
+    def disk_full(src, dst):
+        if str(dst).endswith("a.csv"):
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(pst.os, "replace", disk_full)
+    message = fails_with(base, capsys)
+    assert message == f"error: could not write '{out / 'a.csv'}': No space left on device; the earlier outputs are intact"
+    assert (out / "a.csv").read_bytes() == before and not list(out.glob(".*.tmp"))
