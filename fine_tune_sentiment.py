@@ -114,6 +114,7 @@ TRACKER_PACKAGES = {"comet_ml": ("comet_ml", "comet-ml"), "azure_ml": ("azureml"
 POSITIVE = ("LEARNING_RATE", "EPOCHS", "BATCH_SIZE", "LORA_R", "MAX_LENGTH")  # settings that must be above 0
 FRACTIONS = ("WARMUP", "LORA_DROPOUT", "VALIDATION")  # settings that must be below 1
 DATA_FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+MARKER = ".made-by-fine_tune_sentiment"  # in OUTPUT_DIR/checkpoints/: only a folder holding it is ever removed
 INFERENCE_FLAGS = ("--predict", "--predict-file", "--predictions", "--serve", "--ray")  # predict_sentiment.py's
 log = logging.getLogger("sentiment")  # predict_sentiment's logger too
 
@@ -134,7 +135,7 @@ def run_training(config: dict, args: argparse.Namespace, state) -> dict:
     samples = config["SAMPLE_REVIEWS"]
     print_predictions(samples, predict(model, tokenizer, samples, precision=run.precision))  # 5. predict
     paths = save_outputs(model, tokenizer, metrics, trainer.state, Path(config["OUTPUT_DIR"]), config["MERGE"])  # 6.
-    shutil.rmtree(Path(config["OUTPUT_DIR"]) / "checkpoints", ignore_errors=True)  # finished: nothing to resume
+    remove_checkpoints(Path(config["OUTPUT_DIR"]) / "checkpoints")  # finished: nothing to resume
     log.info(f"Done: accuracy {metrics['eval_accuracy']:.4f}, F1 {metrics['eval_f1']:.4f}, trained in "
              f"{metrics['train_seconds']:.0f}s | " + " | ".join(f"{k}: {p}" for k, p in paths.items()))
     return metrics
@@ -188,6 +189,7 @@ def start_run(config: dict, args: argparse.Namespace, state) -> Run:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, cores // int(os.environ["LOCAL_WORLD_SIZE"])))
     preset = apply_preset(config, has_gpu)
+    repair_outputs(Path(config["OUTPUT_DIR"]))
     log.info(f"Preset: {preset} ({'CUDA: ' + device if has_gpu else 'no GPU found'}); "
              f"settings: {json.dumps({k: v for k, v in config.items() if k != 'SAMPLE_REVIEWS'})}")
     check_source(config["MODEL_NAME"], "model")
@@ -540,14 +542,15 @@ def training_arguments(run: Run, output_dir: Path, train_rows: int):
 
 def resume_point(checkpoints: Path, config: dict, fresh: bool, state) -> str | None:
     """The checkpoint of an interrupted run with the same settings, or None; --fresh removes them first."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     run_file, on_main = checkpoints / "run_config.json", state.is_main_process
     with state.main_process_first():  # the main process decides (and cleans up); the others then see what it left
+        if checkpoints.exists() and not ours(checkpoints):
+            raise InputError(f"{checkpoints} exists and was not made by this script, which writes and removes "
+                             f"checkpoints there; move it, or set another OUTPUT_DIR")
         if fresh and checkpoints.exists() and on_main:
-            shutil.rmtree(checkpoints)
+            remove_checkpoints(checkpoints)
             log.info("--fresh: removed the checkpoints of the earlier run")
-        resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        resume_from = last_complete_checkpoint(checkpoints, on_main) if checkpoints.is_dir() else None
         if resume_from and on_main:
             saved = json.loads(run_file.read_text()) if run_file.exists() else {}
             changed = sorted(k for k in config if k not in ("SAMPLE_REVIEWS", "MERGE") and saved.get(k) != config[k])
@@ -557,8 +560,35 @@ def resume_point(checkpoints: Path, config: dict, fresh: bool, state) -> str | N
             log.warning(f"Resuming the interrupted run from {resume_from}")  # shown even with --quiet
         if on_main:
             checkpoints.mkdir(parents=True, exist_ok=True)
+            (checkpoints / MARKER).touch()
             write_json(run_file, config)
     return resume_from
+
+
+def ours(checkpoints: Path) -> bool:
+    """Whether checkpoints/ was made by this script (its marker, or an earlier version's run_config.json)."""
+    return (checkpoints / MARKER).exists() or (checkpoints / "run_config.json").exists()
+
+
+def remove_checkpoints(checkpoints: Path) -> None:
+    """Remove checkpoints/, where this script made it."""
+    if checkpoints.exists() and ours(checkpoints):
+        shutil.rmtree(checkpoints)
+
+
+def last_complete_checkpoint(checkpoints: Path, on_main: bool) -> str | None:
+    """The newest checkpoint-N whose save finished (the Trainer writes trainer_state.json last); newer ones that a
+    hard kill cut short are skipped, with a warning, and removed by the main process."""
+    numbered = [p for p in checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for folder in sorted(numbered, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            return str(folder)
+        except (OSError, ValueError):
+            log.warning(f"warning: {folder} is incomplete (its save was cut short); resuming from the one before")
+            if on_main:
+                shutil.rmtree(folder, ignore_errors=True)
+    return None
 
 
 def interrupt_callback(processes: int = 1):
@@ -928,11 +958,16 @@ def run_search(config: dict, args: argparse.Namespace, state, trials: int) -> di
     if done:
         log.warning(f"Resuming the search in {output_dir / 'search.db'}: {done} of {trials} trials done")
     if done < trials:
-        hyperparameter_search(run, data, tokenizer, storage, trials - done)
+        try:
+            hyperparameter_search(run, data, tokenizer, storage, trials - done)
+        except ValueError:  # transformers asks the study for its best trial, and with none complete it has none
+            if finished_trials(storage, complete=True):
+                raise
     study = optuna.load_study(study_name="search", storage=storage)
     if not study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
+        write_search(output_dir / "search.json", study, trials, None, None)
         raise InputError(f"every one of the {trials} trials collapsed to one class or failed; see "
-                         f"{output_dir / 'search.db'} (remove it to start over)")
+                         f"{output_dir / 'search.json'} (remove {output_dir / 'search.db'} to start over)")
     best = trial_settings(study.best_trial)
     shown = best | {"TARGET_MODULES": best["TARGET_MODULES"] or DEFAULT_TARGETS.get(run.model_config.model_type)}
     command = "python fine_tune_sentiment.py " + " ".join(
@@ -944,9 +979,9 @@ def run_search(config: dict, args: argparse.Namespace, state, trials: int) -> di
     return run_training(config | best, args, state)  # test is scored once, here
 
 
-def finished_trials(storage: str) -> int:
-    """How many trials of the stored study are complete or pruned (0 without one); trials that an interruption
-    cut short, still marked running, are marked failed."""
+def finished_trials(storage: str, complete: bool = False) -> int:
+    """How many trials of the stored study are complete or pruned (complete: complete only; 0 without a study);
+    trials that an interruption cut short, still marked running, are marked failed."""
     import optuna
 
     try:
@@ -955,7 +990,8 @@ def finished_trials(storage: str) -> int:
         return 0
     for trial in study.get_trials(states=[optuna.trial.TrialState.RUNNING]):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
-    return len(study.get_trials(states=[optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]))
+    done = [optuna.trial.TrialState.COMPLETE] + ([] if complete else [optuna.trial.TrialState.PRUNED])
+    return len(study.get_trials(states=done))
 
 
 def hyperparameter_search(run: Run, data: DatasetDict, tokenizer, storage: str, trials: int) -> None:
@@ -1009,14 +1045,15 @@ def trial_score(metrics: dict) -> float:
     return metrics["eval_accuracy"]
 
 
-def write_search(path: Path, study, trials: int, best: dict, command: str) -> None:
+def write_search(path: Path, study, trials: int, best: dict | None, command: str | None) -> None:
     """search.json: every trial with its settings, state, validation accuracy and time; the winner; its command."""
     rows = [{"number": t.number, "state": t.state.name, "validation_accuracy": t.value,
              "settings": trial_settings(t) if t.params else {},
              "seconds": round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
              if t.datetime_complete and t.datetime_start else None} for t in study.trials]
     write_json(path, {"trials_asked": trials, "space": SEARCH_SPACE, "best": best,
-                      "best_validation_accuracy": study.best_value, "command": command, "trials": rows})
+                      "best_validation_accuracy": study.best_value if best else None, "command": command,
+                      "trials": rows})
 
 
 def drop_flag(argv: list[str], flag: str) -> list[str]:
@@ -1036,6 +1073,7 @@ def drop_flag(argv: list[str], flag: str) -> list[str]:
 def run_eval_only(config: dict, quiet: bool) -> dict:
     """--eval-only: evaluate the saved adapter on DATASET_NAME without training; write OUTPUT_DIR/eval_metrics.json."""
     output_dir = Path(config["OUTPUT_DIR"])
+    repair_outputs(output_dir)
     model, tokenizer, precision = load_for_inference(config)
     names = list(model.config.id2label.values())
     data = prepare_data(load_raw_data(config["DATASET_NAME"]), config["TEXT_COLUMN"], config["LABEL_COLUMN"],
@@ -1059,6 +1097,7 @@ def run_eval_only(config: dict, quiet: bool) -> dict:
 def run_export_onnx(config: dict) -> Path:
     """--export-onnx: write OUTPUT_DIR/onnx/ from the saved adapter: fp32 and int8 models, tokenizer, config."""
     need_package("onnx", "onnxruntime")
+    repair_outputs(Path(config["OUTPUT_DIR"]))
     model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
     target = Path(config["OUTPUT_DIR"]) / "onnx"
     write_dir(target, lambda tmp: export_onnx(model.merge_and_unload().cpu(), tokenizer, Path(tmp)))
@@ -1071,7 +1110,7 @@ def export_onnx(model, tokenizer, folder: Path) -> None:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     sample = pad(encode(tokenizer, ["a review", "a longer review than that"]), tokenizer.pad_token_id)
     inputs = list(sample)  # input_ids, attention_mask (and token_type_ids): the order forward() takes them in
     model.config.return_dict = False  # a tuple out, so the graph's one output is the logits
@@ -1313,25 +1352,50 @@ def short_names(targets: set | str) -> list[str]:
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically: a crash leaves the old file, never half of the new one."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    import tempfile
+
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # exclusive: no link
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def write_dir(path: Path, write) -> None:
-    """Fill a temporary folder with write(tmp), then swap it in for path; the old copy goes only after."""
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Fill a new, uniquely named folder beside path with write(tmp), then swap it in for path; the old copy goes
+    only after. A swap that a hard kill cut short is repaired first."""
+    import tempfile
+
+    repair_dir(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
         write(str(tmp))
     except BaseException:  # a failed or interrupted write leaves the old folder, and no half one
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    old = path.with_name(f".{path.name}.old-{time.time_ns()}")
     if path.exists():
         path.rename(old)
-    tmp.rename(path)
+    tmp.rename(path)  # between the two renames only the old copy has a name: repair_dir puts it back
     shutil.rmtree(old, ignore_errors=True)
+
+
+def repair_outputs(output_dir: Path) -> None:
+    """Put back the saved folders whose swap a hard kill cut short."""
+    for name in ("adapter", "merged", "onnx"):
+        repair_dir(output_dir / name)
+
+
+def repair_dir(path: Path) -> None:
+    """Where a write_dir swap was cut short (path gone, its old copy kept), put the old copy back."""
+    olds = sorted(path.parent.glob(f".{path.name}.old-*"))
+    if olds and not path.exists():
+        olds.pop().rename(path)
+        log.warning(f"warning: {path} was being replaced when the run stopped; restored the previous one")
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 if __name__ == "__main__":

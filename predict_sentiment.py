@@ -23,6 +23,7 @@ import platform
 import re
 import shutil
 import sys
+import tempfile
 import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,7 @@ DRAIN_S: float = 20.0  # on SIGTERM, how long the requests already queued get to
 API_KEY: str = ""  # set (or SENTIMENT_API_KEY): every route but /health needs 'Authorization: Bearer API_KEY'
 # Ray
 RAY_ACTORS: int = 0  # model copies scoring at once under --ray, a CPU each; 0 = the Ray cluster's CPUs less one
+RAY_RETRIES: int = 2  # times Ray restarts a model copy, or retries a batch, before the run fails
 
 SETTINGS = list(__annotations__)  # the annotated names above are the settings; each one is a flag
 ID2LABEL = {0: "NEGATIVE", 1: "POSITIVE"}  # the names of an adapter saved without its own
@@ -208,14 +210,16 @@ def run_ray(config: dict, source: str | None, target: str | None, quiet: bool) -
     # workers with the job: no shared file system needed
     ray.init(logging_level="ERROR", log_to_driver=False)  # RAY_ADDRESS joins a cluster; unset, a local Ray starts
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
-    started, tmp = time.perf_counter(), folder.with_name(folder.name + ".tmp")
+    started, tmp = time.perf_counter(), Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
+        actors = ray_actors(config["RAY_ACTORS"], int(ray.cluster_resources().get("CPU", 1)))
         data = read_with_ray(sources, config["TEXT_COLUMN"])
-        actors = config["RAY_ACTORS"] or max(1, int(ray.cluster_resources().get("CPU", 2)) - 1)  # 1 CPU reads
         data.map_batches(RayScorer, fn_constructor_args=(shipped, config["TEXT_COLUMN"], config["BATCH_SIZE"]),
-                         batch_format="pandas", batch_size=CHUNK_ROWS // 10, concurrency=actors,
-                         num_cpus=1).write_parquet(str(tmp))
-        os.replace(tmp, folder)  # only a finished run takes the name
+                         batch_format="pandas", batch_size=CHUNK_ROWS // 10, concurrency=actors, num_cpus=1,
+                         max_restarts=RAY_RETRIES, max_task_retries=RAY_RETRIES).write_parquet(str(tmp))
+        os.replace(tmp, folder)  # only a finished run takes the name; each run writes a fresh folder of its own
+    except ray.exceptions.RayError as error:  # retried RAY_RETRIES times, and failed each time
+        raise InputError(f"Ray could not score {source!r}: {one_line(error)}") from error
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         ray.shutdown()
@@ -223,6 +227,17 @@ def run_ray(config: dict, source: str | None, target: str | None, quiet: bool) -
 
 
 # Loading the model ------------------------------------------------------------------------------------------------
+
+
+def ray_actors(asked: int, cpus: int) -> int:
+    """How many model copies --ray runs: RAY_ACTORS, or every CPU but one, which reads the files (without one the
+    job waits for ever); a number that cannot run is refused."""
+    if cpus < 2:
+        raise InputError(f"--ray needs 2 CPUs or more (one reads the files, the others score); this Ray has {cpus}")
+    if asked > cpus - 1:
+        raise InputError(f"RAY_ACTORS={asked} leaves no CPU to read the files on a Ray of {cpus} CPUs; use at most "
+                         f"{cpus - 1}, or 0 for that many")
+    return asked or cpus - 1
 
 
 def load_for_inference(config: dict):
@@ -261,22 +276,26 @@ def load_adapter(adapter_dir: Path):
 def load_onnx(folder: Path, int8: bool, threads: int = 0):
     """An exported model and its tokenizer, without torch or transformers: onnxruntime and tokenizers stand in;
     threads: the session's (0: one per core)."""
-    from types import SimpleNamespace
-
     if not (folder / "config.json").exists():
         raise InputError(f"no exported model in {folder}; run python fine_tune_sentiment.py --export-onnx first")
     need_package("onnxruntime", "tokenizers")
+    return onnx_model(json.loads((folder / "config.json").read_text()), (folder / "tokenizer.json").read_text(),
+                      str(folder / ("model_int8.onnx" if int8 else "model.onnx")), threads)
+
+
+def onnx_model(saved: dict, tokenizer_json: str, weights: str | bytes, threads: int = 0):
+    """The model and tokenizer of an export, from its config, tokenizer.json and weights (a path, or the bytes)."""
+    from types import SimpleNamespace
+
     import onnxruntime
     from tokenizers import Tokenizer
 
-    saved = json.loads((folder / "config.json").read_text())
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(str(folder / ("model_int8.onnx" if int8 else "model.onnx")), options,
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(weights, options, providers=["CPUExecutionProvider"])
     model = SimpleNamespace(config=SimpleNamespace(id2label={int(i): n for i, n in saved["id2label"].items()}),
                             session_forward=lambda batch: session.run(["logits"], batch)[0])
-    tokenizer = SimpleNamespace(backend_tokenizer=Tokenizer.from_file(str(folder / "tokenizer.json")),
+    tokenizer = SimpleNamespace(backend_tokenizer=Tokenizer.from_str(tokenizer_json),
                                 model_max_length=saved["max_length"], model_input_names=saved["inputs"],
                                 init_kwargs={"review_truncation": saved["truncation"]},
                                 pad_token_id=saved["pad_token_id"])  # what encode() and pad() read
@@ -1172,12 +1191,9 @@ class RayScorer:
     """One model copy in a Ray actor: rebuilt from the shipped bytes, so no shared file system is needed."""
 
     def __init__(self, shipped: dict, column: str, batch_size: int):
-        import tempfile
-
-        folder = Path(tempfile.mkdtemp(prefix="sentiment-onnx-"))
-        for name, data in shipped.items():
-            (folder / name).write_bytes(data)
-        model, tokenizer = load_onnx(folder, int8="model_int8.onnx" in shipped, threads=1)  # 1 CPU each
+        weights = shipped.get("model_int8.onnx") or shipped["model.onnx"]  # from memory: no copy left on disk
+        model, tokenizer = onnx_model(json.loads(shipped["config.json"]), shipped["tokenizer.json"].decode(), weights,
+                                      threads=1)  # 1 CPU each
         self.loaded, self.column, self.batch_size = (model, tokenizer, "onnx"), column, batch_size
 
     def __call__(self, frame):

@@ -172,8 +172,12 @@ def test_sigterm_leaves_a_checkpoint_and_rerun_resumes(run_args, tmp_path):
     assert steps and steps[-1] % 150 != 0  # the interrupt saved mid-epoch (150 steps per epoch)
     assert not (tmp_path / "resumed" / "metrics.json").exists()
 
+    partial = checkpoints / f"checkpoint-{steps[-1] + 7}"  # as a SIGKILL in the middle of a save leaves it
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"half")
     rerun = subprocess.run([sys.executable, SCRIPT, *args, "--quiet"], capture_output=True, env=env, timeout=120)
     assert rerun.returncode == 0, rerun.stderr.decode()
+    assert f"warning: {partial} is incomplete (its save was cut short)" in rerun.stderr.decode()
     assert f"Resuming the interrupted run from {checkpoints / f'checkpoint-{steps[-1]}'}" in rerun.stderr.decode()
     resumed = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
 
@@ -319,3 +323,26 @@ def test_a_barrier_timeout_says_so(capsys, failure, printed):
     assert stopped.value.code == 1
     assert err == (f"error: process 1 timed out waiting for the other processes ({failure}); one of them is stuck "
                    f"or stopped without an error" if printed else "")
+
+def test_only_folders_the_script_made_are_removed(run_args, capsys):
+    out = Path(run_args[run_args.index("--output-dir") + 1])
+    (out / "adapter.old").mkdir(parents=True)
+    (out / "adapter.old" / "mine.txt").write_text("the user's")  # once the fixed name of the swap's old copy
+    assert fts.main(run_args + ["--epochs", "1", "--quiet"]) == 0
+    assert (out / "adapter.old" / "mine.txt").read_text() == "the user's" and not (out / "checkpoints").exists()
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "mine.txt").write_text("the user's")
+    message = fails_with(run_args + ["--epochs", "1"], capsys)
+    assert "checkpoints exists and was not made by this script" in message
+    assert fts.main(run_args + ["--epochs", "1", "--fresh", "--quiet"]) == 2  # --fresh removes only its own
+    assert (out / "checkpoints" / "mine.txt").read_text() == "the user's"
+
+
+def test_a_swap_cut_short_is_repaired_at_the_next_start(trained, imdb_folder, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(trained["out"] / "adapter", out / ".adapter.old-1")  # killed between write_dir's two renames
+    assert fts.main(["--output-dir", str(out), "--eval-only", "--dataset-name", imdb_folder]) == 0
+    assert "was being replaced when the run stopped; restored the previous one" in capsys.readouterr().err
+    assert (out / "adapter" / "adapter_config.json").exists() and not list(out.glob(".adapter.old-*"))

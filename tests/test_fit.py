@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -134,3 +135,15 @@ def test_a_search_resumes_after_sigterm_and_trains_the_winner(run_args, tmp_path
     assert {k: config[k] for k in search["best"]} == search["best"]  # the winner was trained and tested
     assert f"Reproduce it with: {search['command']}" in result.stdout and "--search" not in search["command"]
     assert math.isfinite(json.loads((out / "metrics.json").read_text())["eval_accuracy"])
+
+
+def test_a_search_whose_every_trial_is_pruned_ends_in_one_line_and_writes_search_json(run_args, tmp_path, capsys):
+    pytest.importorskip("optuna")
+    data = tmp_path / "same.csv"
+    pd.DataFrame({"text": ["the movie was a film"] * 120, "label": [0, 1] * 60}).to_csv(data, index=False)
+    out = tmp_path / "out"  # one text for every row: every model predicts one class, and every trial is pruned
+    message = fails_with(run_args + ["--dataset-name", str(data), "--output-dir", str(out), "--validation", "0.25",
+                                     "--search", "2", "--quiet"], capsys)
+    assert message.startswith("error: every one of the 2 trials collapsed to one class or failed; see ")
+    search = json.loads((out / "search.json").read_text())
+    assert [t["state"] for t in search["trials"]] == ["PRUNED", "PRUNED"] and search["best"] is None

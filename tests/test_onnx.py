@@ -81,7 +81,7 @@ def test_an_interrupted_export_leaves_the_old_folder(exported, monkeypatch):
     before = digest(exported / "onnx")
 
     def breaks(model, tokenizer, folder):
-        folder.mkdir()
+        folder.mkdir(exist_ok=True)
         (folder / "model.onnx").write_text("half")
         raise KeyboardInterrupt
 

@@ -4,6 +4,7 @@ import ast
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -136,12 +137,12 @@ def test_ray_scores_every_row_once_as_one_process_does(exported, tmp_path):
     frames[1].to_csv(tmp_path / "in" / "sub" / "b.csv", index=False)
     frames[2].to_json(tmp_path / "in" / "c.jsonl", orient="records", lines=True)
     (tmp_path / "in" / "notes.xml").write_text("<not a review/>")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    result = subprocess.run([sys.executable, "predict_sentiment.py", "--output-dir", str(exported), "--runtime", "onnx",
-                             "--predict-file", str(tmp_path / "in"), "--ray", "--predictions",
-                             str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                            env=env)
+    (tmp_path / "out.tmp").mkdir()  # a killed run's leftovers, under the name it used to reuse
+    frames[0].to_parquet(tmp_path / "out.tmp" / "stale.parquet")
+    copies = set(Path(tempfile.gettempdir()).glob("sentiment-onnx-*"))
+    result = ray_run(exported, tmp_path / "in", tmp_path / "out")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert set(Path(tempfile.gettempdir()).glob("sentiment-onnx-*")) == copies  # no model copy left behind
     scored = pd.read_parquet(tmp_path / "out")
     expected = pd.concat(frames)
     assert sorted(scored["id"]) == sorted(expected["id"])  # every row, once
@@ -151,6 +152,23 @@ def test_ray_scores_every_row_once_as_one_process_does(exported, tmp_path):
     one = pst.predict(*pst.load_onnx(exported / "onnx", int8=False), list(expected["text"]))
     assert list(scored["predicted_label"]) == [label for label, _ in one]
     assert scored["predicted_score"].tolist() == pytest.approx([score for _, score in one], abs=1e-5)
+
+
+def ray_run(exported: Path, source: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    return subprocess.run([sys.executable, "predict_sentiment.py", "--output-dir", str(exported), "--runtime", "onnx",
+                           "--predict-file", str(source), "--ray", "--predictions", str(out), "--quiet", *flags],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+
+
+def test_ray_refuses_actors_that_leave_no_cpu_to_read(exported, tmp_path):
+    pytest.importorskip("ray")
+    reviews_folder(tmp_path / "in")
+    started = time.monotonic()
+    result = ray_run(exported, tmp_path / "in", tmp_path / "out", "--ray-actors", str(os.cpu_count() or 2))
+    assert result.returncode == 2 and time.monotonic() - started < 200  # an answer, not a job that never starts
+    assert "leaves no CPU to read the files on a Ray of" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
 def test_ray_errors(exported, tmp_path, capsys):
