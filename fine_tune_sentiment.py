@@ -788,7 +788,8 @@ def describe(run: Run, model, data: DatasetDict, trainer, train_metrics: dict) -
             "trainable_params": trainable, "total_params": total, "device": run.device, "preset": run.preset,
             "precision": run.precision, "bf16_speedup": run.speedup and round(run.speedup, 2),
             "class_weights": run.class_weights and dict(zip(model.config.id2label.values(), run.class_weights)),
-            "world_size": run.state.num_processes, "backend": run.state.backend, "labels": list(model.config.id2label.values()),
+            "world_size": run.state.num_processes, "backend": run.state.backend,
+            "labels": list(model.config.id2label.values()),
             "lora_targets": short_names(model.peft_config["default"].target_modules),
             "date": time.strftime("%Y-%m-%d"), "config": run.config} | selection(trainer.state, data)
 

@@ -1123,19 +1123,23 @@ def has_words(text) -> bool:
 
 
 def guarded_protocol(max_connections: int, header_timeout_s: float):
-    """uvicorn's HTTP protocol (httptools) with a bound on open connections and a deadline for each request to
-    arrive whole, headers and body: uvicorn has neither, so a half-sent request holds its connection for good."""
+    """uvicorn's HTTP protocol (httptools) with a bound on open connections (over it, the oldest connection still
+    waiting for its request is closed, so /health gets through) and a deadline for each request to arrive whole,
+    headers and body: uvicorn has neither, so a half-sent request holds its connection for good."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class Guarded(HttpToolsProtocol):
-        deadline = None
+        deadline, armed_at = None, 0.0
 
         def connection_made(self, transport):
             super().connection_made(transport)
-            if len(self.connections) > max_connections:
-                transport.close()  # over the bound: closed before anything is read
-            else:
-                self.arm()
+            if len(self.connections) > max_connections:  # over the bound: the slowest half-sent request goes
+                waiting = [c for c in self.connections if c is not self and getattr(c, "deadline", None)]
+                if not waiting:  # every connection has a whole request in hand: this one waits its turn elsewhere
+                    transport.close()
+                    return
+                min(waiting, key=lambda c: c.armed_at).transport.close()
+            self.arm()
 
         def on_message_begin(self):
             super().on_message_begin()
@@ -1151,6 +1155,7 @@ def guarded_protocol(max_connections: int, header_timeout_s: float):
 
         def arm(self):
             self.disarm()
+            self.armed_at = self.loop.time()
             self.deadline = self.loop.call_later(header_timeout_s, self.transport.close)
 
         def disarm(self):

@@ -149,6 +149,7 @@ def test_crash_while_saving_keeps_the_previous_adapter(run_args, monkeypatch):
 def test_changed_settings_refuse_to_resume_until_fresh(run_args, capsys):
     checkpoints = Path(run_args[run_args.index("--output-dir") + 1]) / "checkpoints"
     (checkpoints / "checkpoint-5").mkdir(parents=True)
+    (checkpoints / "checkpoint-5" / "trainer_state.json").write_text("{}")  # a finished save
     (checkpoints / "run_config.json").write_text(json.dumps({"EPOCHS": 99}))
     assert "different settings" in fails_with(run_args + ["--epochs", "1"], capsys)
     assert fts.main(run_args + ["--epochs", "1", "--fresh"]) == 0
