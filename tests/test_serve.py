@@ -285,6 +285,7 @@ def test_a_web_page_cannot_post_without_a_preflight(server):
 def test_metrics_are_prometheus_s_and_count_every_answer(server):
     httpx.post(server + "/nowhere", json={}, timeout=10)
     raw_post(server + "/predict", b"{not json")
+    assert post(server, ["fine", "great"]).status_code == 200
     text = httpx.get(server + "/metrics", timeout=10).text
     assert "# HELP sentiment_requests_total" in text and "# TYPE sentiment_request_seconds histogram" in text
     found = metrics(server)
