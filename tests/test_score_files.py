@@ -225,9 +225,10 @@ def test_two_scorers_on_one_folder_never_corrupt_an_output(exported, tmp_path):
         pd.DataFrame({"text": rows}).to_csv(folder / f"{name}.csv", index=False)
     command = [sys.executable, str(ROOT / "predict_sentiment.py"), "--output-dir", str(exported), "--runtime",
                "onnx-int8", "--predict-file", str(folder), "--predictions", str(out), "--quiet"]
-    both = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    errors = [p.communicate(timeout=180)[1] for p in both]
-    assert [p.returncode for p in both] == [0, 0] and "Traceback" not in "".join(errors), errors
+    both = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    said = [p.communicate(timeout=180) for p in both]
+    assert [p.returncode for p in both] == [0, 0] and "Traceback" not in str(said), said
+    assert sum(out.count("Scored 3000 rows") for out, _ in said) == 3  # each file once: the lock, then its record
     for name in ("a", "b", "c"):
         assert len(pd.read_csv(out / f"{name}.csv")) == 3000  # whole, whoever wrote it
     assert not [p.name for p in out.iterdir() if p.name.endswith((".tmp", ".lock"))]
