@@ -21,9 +21,7 @@ import logging
 import os
 import platform
 import re
-import shutil
 import sys
-import tempfile
 import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
@@ -197,10 +195,14 @@ def run_ray(config: dict, source: str | None, target: str | None, quiet: bool) -
     import ray
     import ray.data
 
+    import pyarrow.fs
+
     sources, _ = input_files(source)
-    folder = Path(target).expanduser() if target else Path(config["OUTPUT_DIR"]) / "predictions-ray"
-    if folder.exists():
-        raise InputError(f"--predictions {str(folder)!r} exists; Ray writes a new folder (name another one)")
+    folder = target if target and "://" in target else str(
+        Path(target or Path(config["OUTPUT_DIR"]) / "predictions-ray").expanduser().resolve())
+    files, path = pyarrow.fs.FileSystem.from_uri(folder)  # a local folder, or s3:// and the like on a cluster
+    if files.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        raise InputError(f"--predictions {folder!r} exists; Ray writes a new folder (name another one)")
     for src in sources:  # here, in one line each, rather than in a worker's traceback
         check_text_column(src, config["TEXT_COLUMN"])
     onnx = Path(config["OUTPUT_DIR"]) / "onnx"
@@ -210,18 +212,21 @@ def run_ray(config: dict, source: str | None, target: str | None, quiet: bool) -
     # workers with the job: no shared file system needed
     ray.init(logging_level="ERROR", log_to_driver=False)  # RAY_ADDRESS joins a cluster; unset, a local Ray starts
     ray.data.DataContext.get_current().enable_progress_bars = not quiet
-    started, tmp = time.perf_counter(), Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    started, tmp = time.perf_counter(), f"{parent}/.{name}.tmp-{os.getpid()}-{time.time_ns()}"  # this run's own
     try:
         actors = ray_actors(config["RAY_ACTORS"], int(ray.cluster_resources().get("CPU", 1)))
         data = read_with_ray(sources, config["TEXT_COLUMN"])
         data.map_batches(RayScorer, fn_constructor_args=(shipped, config["TEXT_COLUMN"], config["BATCH_SIZE"]),
                          batch_format="pandas", batch_size=CHUNK_ROWS // 10, concurrency=actors, num_cpus=1,
-                         max_restarts=RAY_RETRIES, max_task_retries=RAY_RETRIES).write_parquet(str(tmp))
-        os.replace(tmp, folder)  # only a finished run takes the name; each run writes a fresh folder of its own
+                         max_restarts=config["RAY_RETRIES"], max_task_retries=config["RAY_RETRIES"]
+                         ).write_parquet(folder.replace(path, tmp) if "://" in folder else tmp)
+        files.move(tmp, path)  # only a finished run takes the name
     except ray.exceptions.RayError as error:  # retried RAY_RETRIES times, and failed each time
         raise InputError(f"Ray could not score {source!r}: {one_line(error)}") from error
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if files.get_file_info(tmp).type != pyarrow.fs.FileType.NotFound:
+            files.delete_dir(tmp)
         ray.shutdown()
     print(f"Scored {len(sources)} files on Ray in {time.perf_counter() - started:.1f}s: {folder}")
 
@@ -895,7 +900,6 @@ def build_app(score, names: list[str], config: dict):
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-    from starlette.exceptions import HTTPException
 
     meters = server_meters()
     batcher = MicroBatcher(score, config["BATCH_SIZE"], config["MAX_WAIT_MS"] / 1000, config["MAX_QUEUE"],
@@ -904,15 +908,7 @@ def build_app(score, names: list[str], config: dict):
     meters.queue.set_function(lambda: batcher.queued)
     app = FastAPI(title="Sentiment", lifespan=lambda app: batcher)  # it batches while the app runs
     app.state.batcher = batcher
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, error: HTTPException):  # 404, 405: the same {"error": ...} shape as ours
-        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
-
-    @app.exception_handler(Exception)
-    async def internal_error(request, error: Exception):
-        log.error(f"error: {request.url.path}: {one_line(error)}")
-        return JSONResponse({"error": f"internal error: {one_line(error)}"}, status_code=500)
+    json_errors(app)
 
     async def answer(request, field: str, encode):
         got = await read_texts(request, config, field)
@@ -942,6 +938,21 @@ def build_app(score, names: list[str], config: dict):
     app.add_route("/predict", predict_route, methods=["POST"])
     app.add_route("/", inference_route, methods=["POST"])
     return Guard(app, config["API_KEY"] or os.environ.get("SENTIMENT_API_KEY", ""), meters)
+
+
+def json_errors(app) -> None:
+    """Answer 404, 405 and errors of the model in the same {"error": "one line"} shape as the 4xx answers."""
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, error: HTTPException):
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, error: Exception):
+        log.error(f"error: {request.url.path}: {one_line(error)}")
+        return JSONResponse({"error": f"internal error: {one_line(error)}"}, status_code=500)
 
 
 def server_meters():

@@ -250,6 +250,9 @@ def test_a_bom_and_a_link_loop_and_rows_that_cannot_be_encoded(exported, tmp_pat
     (folder / "deep").mkdir(parents=True)
     (folder / "a.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "great film"}\n{"text": "awful film"}\n')  # a BOM
     os.symlink(folder, folder / "deep" / "loop")  # a folder link back up: a loop
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x.jsonl").write_text('{"text": "not in the tree"}\n')
+    os.symlink(tmp_path / "elsewhere", folder / "outside")  # a folder link out of the tree
     assert pst.main(["--output-dir", str(exported), "--runtime", "onnx", "--predict-file", str(folder / "**" / "*.jsonl"),
                      "--predictions", str(out), "--quiet"]) == 0
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.jsonl")) == ["a.jsonl"]  # once, not once a loop
