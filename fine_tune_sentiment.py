@@ -985,9 +985,11 @@ def finished_trials(storage: str, complete: bool = False) -> int:
     trials that an interruption cut short, still marked running, are marked failed."""
     import optuna
 
+    if not Path(storage.removeprefix("sqlite:///")).exists():
+        return 0  # no study yet: Trainer.hyperparameter_search creates it
     try:
         study = optuna.load_study(study_name="search", storage=storage)
-    except KeyError:  # no study stored yet
+    except KeyError:  # a database without the study
         return 0
     for trial in study.get_trials(states=[optuna.trial.TrialState.RUNNING]):
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
