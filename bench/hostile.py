@@ -1,14 +1,14 @@
 """What the hostile-world defences cost and buy, on the real stand-in model (loopback only, every loop bounded).
 
 Needs an exported run (OUTPUT_DIR/onnx, e.g. bench/inference.py's bench/runs/inference) and, for the side by side,
-a checkout of the code before them (`git worktree add /tmp/before 1e04447`):
+a checkout of the code before them (`git worktree add ../before 1e04447`):
 - the file scorer: --predict-file on a folder of 4 csv files (20,000 rows in all), onnx-int8, this code (records,
   locks, unique temporary files) against --before's, alternating, median of --repeats;
 - a flood: the server (onnx-int8) with 32 well-behaved clients, each posting one sentence a request for
   --seconds, while 8 others post 256 sentences and hang up after 50 ms, again and again; the well-behaved
   clients' p50 and p99 latency and rows/s, and the server's peak RSS (VmHWM), this code against --before's.
 
-    python bench/hostile.py --run bench/runs/inference --before /tmp/before --repeats 3
+    python bench/hostile.py --run bench/runs/inference --before ../before --repeats 3
 """
 
 import argparse
