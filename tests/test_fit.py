@@ -101,18 +101,18 @@ def test_search_errors(run_args, tmp_path, capsys, monkeypatch):
     assert "separate modes" in fails_with(run_args + ["--search", "3", "--eval-only"], capsys)
 
 
-def completed_trials(database: Path) -> int:
-    """Complete trials in an Optuna sqlite file, read only: opening it through Optuna would race the search's own
-    first setup of the tables (both stamp the schema version)."""
+def trial_states(database: Path) -> dict[str, int]:
+    """How many trials of each state an Optuna sqlite file holds, read only: opening it through Optuna would race
+    the search's own first setup of the tables (both stamp the schema version)."""
     import sqlite3
 
     if not database.exists():
-        return 0
+        return {}
     try:
         with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1) as db:
-            return db.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+            return dict(db.execute("SELECT state, COUNT(*) FROM trials GROUP BY state").fetchall())
     except sqlite3.Error:  # the tables are not there yet
-        return 0
+        return {}
 
 
 def test_a_search_resumes_after_sigterm_and_trains_the_winner(run_args, tmp_path):
@@ -122,9 +122,10 @@ def test_a_search_resumes_after_sigterm_and_trains_the_winner(run_args, tmp_path
                "--search", "3", "--quiet"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
-    while process.poll() is None and time.monotonic() < deadline:  # stop it once one trial is finished
+    while process.poll() is None and time.monotonic() < deadline:  # stop it inside the trial after a finished one
         time.sleep(0.5)
-        if completed_trials(out / "search.db"):
+        states = trial_states(out / "search.db")
+        if states.get("COMPLETE") and states.get("RUNNING"):
             process.send_signal(signal.SIGTERM)
             break
     stdout, stderr = process.communicate(timeout=120)
