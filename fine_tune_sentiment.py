@@ -75,7 +75,7 @@ TARGET_MODULES: list[str] | None = None  # None = q_lin v_lin (DistilBERT) or qu
 LORA_VARIANT: str = "lora"  # lora; rslora (scale alpha / sqrt(r)); dora (weight-decomposed, slower per step)
 # speed
 FAST_STEP: bool = True  # fast_lora.py's cheaper dropout and fused fp32 LoRA layers; off: peft's own step, same model
-RUNTIME: str = "torch"  # what --eval-only runs on: torch, onnx or onnx-int8 (the --export-onnx model, no torch)
+RUNTIME: str = "torch"  # what --eval-only runs on: torch; onnx, onnx-int8 or openvino (the --export-onnx model)
 PRECISION: str = "auto"  # auto (bf16 where measured fast; GPU: bf16, else fp16; else fp32), fp32, bf16 or fp16
 # run
 SEED: int = 42  # seeds shuffling, subsets, LoRA init and dropout: same seed, same CPU result
@@ -109,11 +109,12 @@ SENTIMENT_ORDER = ["negative", "neutral", "positive"]  # their class order; othe
 MAX_CLASSES = 100  # more is probably the wrong column
 CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "TRUNCATION": ("head+tail", "head"),  # one of a few words
            "SCHEDULER": ("linear", "cosine"), "CLASS_WEIGHTS": ("none", "balanced"),
-           "LORA_VARIANT": ("lora", "rslora", "dora"), "RUNTIME": ("torch", "onnx", "onnx-int8")}
+           "LORA_VARIANT": ("lora", "rslora", "dora"), "RUNTIME": ("torch", "onnx", "onnx-int8", "openvino")}
 TRACKER_PACKAGES = {"comet_ml": ("comet_ml", "comet-ml"), "azure_ml": ("azureml", "azureml-core")}  # else name, name
 POSITIVE = ("LEARNING_RATE", "EPOCHS", "BATCH_SIZE", "LORA_R", "MAX_LENGTH")  # settings that must be above 0
 FRACTIONS = ("WARMUP", "LORA_DROPOUT", "VALIDATION")  # settings that must be below 1
 DATA_FILE_TYPES = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+CALIBRATION_TEXTS = 1024  # --export-onnx measures int8's activation ranges on this many training reviews
 MARKER = ".made-by-fine_tune_sentiment"  # in OUTPUT_DIR/checkpoints/: only a folder holding it is ever removed
 INFERENCE_FLAGS = ("--predict", "--predict-file", "--predictions", "--serve", "--ray")  # predict_sentiment.py's
 log = logging.getLogger("sentiment")  # predict_sentiment's logger too
@@ -1102,34 +1103,70 @@ def run_export_onnx(config: dict) -> Path:
     need_package("onnx", "onnxruntime")
     repair_outputs(Path(config["OUTPUT_DIR"]))
     model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
+    texts = calibration_texts(config)
     target = Path(config["OUTPUT_DIR"]) / "onnx"
-    write_dir(target, lambda tmp: export_onnx(model.merge_and_unload().cpu(), tokenizer, Path(tmp)))
+    write_dir(target, lambda tmp: export_onnx(model.merge_and_unload().cpu(), tokenizer, Path(tmp), texts))
     log.info(f"Done: exported to {target} (model.onnx, model_int8.onnx); use it with --runtime onnx-int8")
     return target
 
 
-def export_onnx(model, tokenizer, folder: Path) -> None:
-    """Write model.onnx (fp32, dynamic batch and length), model_int8.onnx (int8 weights), the tokenizer, config."""
+def calibration_texts(config: dict) -> list[str]:
+    """CALIBRATION_TEXTS training reviews, drawn with SEED: int8's activation ranges are measured on them."""
+    try:
+        train = prepare_data(load_raw_data(config["DATASET_NAME"]), config["TEXT_COLUMN"], config["LABEL_COLUMN"],
+                             config["SEED"])["train"]
+    except InputError as error:
+        raise InputError(f"the int8 model is calibrated on training reviews: {error}") from error
+    return train.shuffle(seed=config["SEED"]).select(range(min(CALIBRATION_TEXTS, len(train))))["text"]
+
+
+def export_onnx(model, tokenizer, folder: Path, calibration: list[str]) -> None:
+    """Write model.onnx (fp32, dynamic batch and length), model_int8.onnx (int8, calibrated on the calibration
+    texts), the tokenizer and config.json."""
     import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     folder.mkdir(exist_ok=True)
     sample = pad(encode(tokenizer, ["a review", "a longer review than that"]), tokenizer.pad_token_id)
     inputs = list(sample)  # input_ids, attention_mask (and token_type_ids): the order forward() takes them in
     model.config.return_dict = False  # a tuple out, so the graph's one output is the logits
+    model.set_attn_implementation("eager")  # plain MatMuls and Softmax: smaller than sdpa's graph, faster in int8
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notes, about what we do not use
         torch.onnx.export(model.eval(), tuple(torch.from_numpy(sample[k]) for k in inputs), str(folder / "model.onnx"),
                           input_names=inputs, output_names=["logits"], opset_version=17, dynamo=False,
                           dynamic_axes={k: {0: "batch", 1: "tokens"} for k in inputs} | {"logits": {0: "batch"}})
-    quantize_dynamic(str(folder / "model.onnx"), str(folder / "model_int8.onnx"), weight_type=QuantType.QInt8,
-                     per_channel=True, reduce_range=True)  # 7-bit weights: CPUs without VNNI add pairs of products
-    # in 16 bits, where 8-bit weights can saturate; with 7 they cannot, so every x86 class gives the same answer
+    quantize_int8(folder / "model.onnx", folder / "model_int8.onnx", tokenizer, calibration)
     tokenizer.save_pretrained(str(folder))
     write_json(folder / "config.json", {
         "id2label": model.config.id2label, "max_length": tokenizer.model_max_length, "inputs": inputs,
         "truncation": tokenizer.init_kwargs.get("review_truncation", "head"), "pad_token_id": tokenizer.pad_token_id,
-        "base_model": model.config.name_or_path, "date": time.strftime("%Y-%m-%d")})
+        "base_model": model.config.name_or_path, "int8": f"static, calibrated on {len(calibration)} training reviews",
+        "date": time.strftime("%Y-%m-%d")})
+
+
+def quantize_int8(source: Path, target: Path, tokenizer, texts: list[str]) -> None:
+    """Static int8 (ONNX QDQ): each weight MatMul gets int8 weights per output channel and uint8 inputs whose
+    range was measured once, on texts. A review's score is then its own: dynamic quantization took each batch's
+    range, and a label could flip with the reviews batched beside it. The MatMuls between two activations
+    (attention) and the outputs stay float, so ONNX Runtime runs MatMulIntegerToFloat; 7-bit weights, as CPUs
+    without VNNI add pairs of uint8 x int8 products in 16 bits, where 8-bit weights can saturate: with 7 they
+    cannot, so every x86 class gives the same answer."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    graph = onnx.load(str(source)).graph
+    weights = {t.name for t in graph.initializer}
+    between_activations = [n.name for n in graph.node if n.op_type == "MatMul" and not weights & set(n.input)]
+    batches = iter([pad(encode(tokenizer, texts[i:i + 16]), tokenizer.pad_token_id) for i in range(0, len(texts), 16)])
+    reader = type("Reader", (CalibrationDataReader,), {"get_next": lambda self: next(batches, None)})()
+    logging.disable(logging.WARNING)  # the quantizer's advice, on the root logger, about steps that measured slower
+    try:
+        quantize_static(str(source), str(target), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["MatMul"], nodes_to_exclude=between_activations,
+                        extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"]})
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def eval_batch_size(config: dict) -> int:

@@ -1,4 +1,4 @@
-"""Inference runtimes side by side: torch fp32, torch auto, ONNX fp32 and ONNX int8, on real text.
+"""Inference runtimes side by side: torch fp32, torch auto, ONNX fp32, ONNX int8 and OpenVINO int8, on real text.
 
 Trains the README's "Try it without internet" adapter into bench/runs/inference/ if it is not there (all-MiniLM-L6-v2,
 Rotten Tomatoes, all-linear LoRA, 2 epochs), exports it with --export-onnx, then, each in a fresh process:
@@ -25,7 +25,7 @@ from bench.predict_file import run  # noqa: E402
 from bench.run import ROOT, WORK, cpu_flags, ensure_packages  # noqa: E402
 
 RUNTIMES = {"torch fp32": ["--precision", "fp32"], "torch auto": ["--precision", "auto"],
-            "onnx": ["--runtime", "onnx"], "onnx-int8": ["--runtime", "onnx-int8"]}
+            "onnx": ["--runtime", "onnx"], "onnx-int8": ["--runtime", "onnx-int8"], "openvino": ["--runtime", "openvino"]}
 TRAIN = ["--train-samples", "0", "--eval-samples", "0", "--max-length", "128", "--batch-size", "32",
          "--target-modules", "all-linear", "--learning-rate", "1e-3", "--epochs", "2", "--merge"]  # the README's
 # "Try it without internet" command
@@ -49,7 +49,7 @@ def main() -> None:
         print(f"trained (the README command): accuracy {trained['eval_accuracy']:.4f}, loss {trained['eval_loss']:.4f}, "
               f"matrix {trained['confusion_matrix']}, {trained['train_seconds']:.0f}s training, "
               f"{time.perf_counter() - started:.0f}s wall, per-epoch validation {trained['accuracy_per_epoch']}")
-    run([*script, "--export-onnx", "--quiet"])
+    run([*script, "--dataset-name", str(data), "--export-onnx", "--quiet"])  # int8 calibrated on its training set
     test = pd.read_parquet(data / "test.parquet")
     source = out / "in.csv"
     pd.concat([test] * (args.rows // len(test) + 1))[:args.rows].to_csv(source, index=False)
@@ -68,7 +68,7 @@ def main() -> None:
             found[name].append({"rate": rate, "peak": peak, "accuracy": accuracy})
             print(f"  {name} #{repeat}: {rate:.1f} rows/s, peak RSS {peak:.0f} MiB, accuracy {accuracy:.4f}", flush=True)
     cold = {}
-    for name in [n for n in ("torch auto", "onnx-int8") if n in found]:
+    for name in [n for n in ("torch auto", "onnx-int8", "openvino") if n in found]:
         seconds = []
         for _ in range(3):
             started = time.perf_counter()

@@ -5,10 +5,14 @@ Uses the model bench/inference.py trains and exports into bench/runs/inference/ 
 - the server: predict_sentiment.py --serve on a free 127.0.0.1 port; the time until /health answers; then 1, 8
   and 32 concurrent clients (asyncio, one process), each posting one sentence per request until the 2,000 are
   sent (at most 120 s a level): rows/s, p50 and p99 latency;
+- with --peer litserve: the same, and LitServe serving the same model and scoring code with its own batching
+  (bench/litserve_peer.py: max_batch_size and batch_timeout set to our BATCH_SIZE and MAX_WAIT_MS), alternating;
+- the load generator's own CPU seconds per level (it shares the cores with the server);
 - with --ray: the same 20,000 rows as 4 csv files, scored by one process (a folder) and by Ray Data (--ray, a
   local Ray on this machine's cores), wall time of each command.
 
     python bench/serve.py --runtime onnx-int8 --repeats 3
+    python bench/serve.py --runtime onnx-int8 --peer litserve --repeats 3
     python bench/serve.py --runtime onnx-int8 --ray
 """
 
@@ -46,8 +50,9 @@ def file_scorer(out, runtime: str, source, target) -> float:
     return float(re.search(r"\((\d+) rows/s\)", done.stdout).group(1))
 
 
-async def load(url: str, texts: list[str], clients: int) -> tuple[float, list[float]]:
-    """Send each text once, one per request, from `clients` concurrent clients; return (rows/s, latencies)."""
+async def load(url: str, texts: list[str], clients: int) -> tuple[float, list[float], float]:
+    """Send each text once, one per request, from `clients` concurrent clients; return (rows/s, latencies, the
+    share of one core the client itself used)."""
     import httpx
 
     queue, latencies = list(reversed(texts)), []
@@ -61,19 +66,21 @@ async def load(url: str, texts: list[str], clients: int) -> tuple[float, list[fl
             latencies.append(time.perf_counter() - started)
 
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=clients)) as http:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(client(http) for _ in range(clients)))
-    return len(latencies) / (time.perf_counter() - started), latencies
+        wall = time.perf_counter() - started
+    return len(latencies) / wall, latencies, (time.process_time() - cpu) / wall
 
 
-def serve_once(out, runtime: str, texts: list[str]) -> dict:
-    """Start the server, time until /health answers, run every load level, stop it with SIGTERM."""
+def serve_once(out, runtime: str, texts: list[str], peer: str | None = None) -> dict:
+    """Start our server (or the peer), time until /health answers, run every load level, stop it with SIGTERM."""
     import httpx
 
     port = free_port()
     url, started = f"http://127.0.0.1:{port}", time.perf_counter()
-    server = subprocess.Popen([sys.executable, "predict_sentiment.py", "--output-dir", str(out), "--runtime", runtime,
-                               "--serve", "--port", str(port)], cwd=ROOT)
+    command = ["bench/litserve_peer.py", "--port", str(port)] if peer else ["predict_sentiment.py", "--serve",
+                                                                             "--port", str(port), "--quiet"]
+    server = subprocess.Popen([sys.executable, *command, "--output-dir", str(out), "--runtime", runtime], cwd=ROOT)
     try:
         while True:
             try:
@@ -86,10 +93,11 @@ def serve_once(out, runtime: str, texts: list[str]) -> dict:
         found = {"ready_s": time.perf_counter() - started}
         asyncio.run(load(url, texts[:50], 1))  # warm-up
         for clients in CLIENTS:
-            rate, latencies = asyncio.run(load(url, texts, clients))
+            rate, latencies, client_cpu = asyncio.run(load(url, texts, clients))
             latencies.sort()
             found[clients] = {"rows_s": rate, "p50_ms": 1000 * latencies[len(latencies) // 2],
-                              "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)], "sent": len(latencies)}
+                              "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)], "sent": len(latencies),
+                              "client_cpu": client_cpu}
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -119,8 +127,9 @@ def ray_against_one_process(out, runtime: str, test: pd.DataFrame) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runtime", default="onnx-int8", choices=("torch", "onnx", "onnx-int8"))
+    parser.add_argument("--runtime", default="onnx-int8", choices=("torch", "onnx", "onnx-int8", "openvino"))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peer", choices=("litserve",), help="also serve the model through this peer, alternating")
     parser.add_argument("--ray", action="store_true", help="measure Ray against one process instead of the server")
     args = parser.parse_args()
     out = WORK / "inference"
@@ -133,21 +142,26 @@ def main() -> None:
     source, target = WORK / "serve-in.csv", WORK / "serve-out.csv"
     test[["text"]].to_csv(source, index=False)
     texts = list(test["text"])
-    files, servers = [], []
-    for _ in range(args.repeats):  # alternate, so drift in machine load hits both alike
+    files, servers = [], {"ours": [], **({args.peer: []} if args.peer else {})}
+    for _ in range(args.repeats):  # alternate, so drift in machine load hits all alike
         files.append(file_scorer(out, args.runtime, source, target))
-        servers.append(serve_once(out, args.runtime, texts))
-        print(f"  file scorer {files[-1]:.0f} rows/s | server ready in {servers[-1]['ready_s']:.2f}s | " + " | ".join(
-            f"{c} clients {servers[-1][c]['rows_s']:.0f} rows/s, p50 {servers[-1][c]['p50_ms']:.1f} ms, p99 "
-            f"{servers[-1][c]['p99_ms']:.1f} ms" for c in CLIENTS), flush=True)
+        for name, found in servers.items():
+            found.append(serve_once(out, args.runtime, texts, None if name == "ours" else name))
+            print(f"  {name}: file scorer {files[-1]:.0f} rows/s | ready in {found[-1]['ready_s']:.2f}s | " + " | ".join(
+                f"{c} clients {found[-1][c]['rows_s']:.0f} rows/s, p50 {found[-1][c]['p50_ms']:.1f} ms, p99 "
+                f"{found[-1][c]['p99_ms']:.1f} ms" for c in CLIENTS), flush=True)
     scorer = statistics.median(files)
-    print(f"\nmedians of {args.repeats}: file scorer {scorer:.0f} rows/s; server ready in "
-          f"{statistics.median(s['ready_s'] for s in servers):.2f}s")
-    print("| clients | rows/s | vs file scorer | p50 ms | p99 ms |\n|---|---|---|---|---|")
-    for c in CLIENTS:
-        rate = statistics.median(s[c]["rows_s"] for s in servers)
-        print(f"| {c} | {rate:.0f} | {rate / scorer:.2f}x | {statistics.median(s[c]['p50_ms'] for s in servers):.1f} "
-              f"| {statistics.median(s[c]['p99_ms'] for s in servers):.1f} |")
+    print(f"\nmedians of {args.repeats}: file scorer {scorer:.0f} rows/s")
+    print("| server | clients | rows/s | vs file scorer | p50 ms | p99 ms | client CPU (cores) | ready s |\n"
+          "|---|---|---|---|---|---|---|---|")
+    for name, found in servers.items():
+        for c in CLIENTS:
+            rate = statistics.median(s[c]["rows_s"] for s in found)
+            print(f"| {name} | {c} | {rate:.0f} | {rate / scorer:.2f}x | "
+                  f"{statistics.median(s[c]['p50_ms'] for s in found):.1f} | "
+                  f"{statistics.median(s[c]['p99_ms'] for s in found):.1f} | "
+                  f"{statistics.median(s[c]['client_cpu'] for s in found):.2f} | "
+                  f"{statistics.median(s['ready_s'] for s in found):.2f} |")
 
 
 if __name__ == "__main__":

@@ -154,11 +154,11 @@ def trained(tiny_model, imdb_folder, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def exported(trained, tmp_path_factory) -> Path:
-    """A copy of the trained run's adapter, exported to ONNX by --export-onnx."""
+def exported(trained, imdb_folder, tmp_path_factory) -> Path:
+    """A copy of the trained run's adapter, exported to ONNX by --export-onnx (int8 calibrated on its training set)."""
     import shutil
 
     out = tmp_path_factory.mktemp("onnx-run")
     shutil.copytree(trained["out"] / "adapter", out / "adapter")
-    assert fts.main(["--output-dir", str(out), "--export-onnx", "--quiet"]) == 0
+    assert fts.main(["--output-dir", str(out), "--dataset-name", imdb_folder, "--export-onnx", "--quiet"]) == 0
     return out
