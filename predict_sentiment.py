@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import glob
 import itertools
 import json
@@ -142,7 +143,7 @@ def run_serve(config: dict) -> None:
     import uvicorn
 
     started = time.perf_counter()
-    model, tokenizer, precision = load_for_inference(config)
+    model, tokenizer, precision = load_for_inference(config, serving=True)
     app = build_app(lambda texts: logits(model, tokenizer, texts, config["BATCH_SIZE"], precision),
                     list(model.config.id2label.values()), config)
     if not is_loopback(config["HOST"]) and not app.key:
@@ -249,10 +250,11 @@ def ray_actors(asked: int, cpus: int) -> int:
     return asked or cpus - 1
 
 
-def load_for_inference(config: dict):
-    """What every mode starts with: the saved model, its tokenizer, and the precision to run them in."""
+def load_for_inference(config: dict, serving: bool = False):
+    """What every mode starts with: the saved model, its tokenizer, and the precision to run them in; serving: the
+    model's threads sleep between batches rather than spin, leaving the cores to the event loop."""
     if config["RUNTIME"] != "torch":  # the exported model: no torch, transformers or peft is imported
-        model, tokenizer = load_exported(Path(config["OUTPUT_DIR"]) / "onnx", config["RUNTIME"])
+        model, tokenizer = load_exported(Path(config["OUTPUT_DIR"]) / "onnx", config["RUNTIME"], spin=not serving)
         return model, tokenizer, config["RUNTIME"]
     model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
     precision, _ = resolve_precision(config["PRECISION"], model.device.type == "cuda", model.config.hidden_size)
@@ -282,29 +284,31 @@ def load_adapter(adapter_dir: Path):
     return model.to(device), tokenizer
 
 
-def load_exported(folder: Path, runtime: str, threads: int = 0):
+def load_exported(folder: Path, runtime: str, threads: int = 0, spin: bool = True):
     """The model RUNTIME (onnx, onnx-int8 or openvino) runs from an export, and its tokenizer."""
     weights, engine = EXPORTED[runtime]
-    return load_onnx(folder, weights == "model_int8.onnx", threads, engine)
+    return load_onnx(folder, weights == "model_int8.onnx", threads, engine, spin)
 
 
-def load_onnx(folder: Path, int8: bool, threads: int = 0, engine: str = "onnxruntime"):
+def load_onnx(folder: Path, int8: bool, threads: int = 0, engine: str = "onnxruntime", spin: bool = True):
     """An exported model and its tokenizer, without torch or transformers: engine (onnxruntime or openvino) and
-    tokenizers stand in; threads: the engine's (0: one per core)."""
+    tokenizers stand in; threads: the engine's (0: one per core); spin: ONNX Runtime's threads spin between ops."""
     if not (folder / "config.json").exists():
         raise InputError(f"no exported model in {folder}; run python fine_tune_sentiment.py --export-onnx first")
     need_package(engine, "tokenizers", what="the OpenVINO runtime" if engine == "openvino" else "the ONNX runtime")
     return onnx_model(json.loads((folder / "config.json").read_text()), (folder / "tokenizer.json").read_text(),
-                      str(folder / ("model_int8.onnx" if int8 else "model.onnx")), threads, engine)
+                      str(folder / ("model_int8.onnx" if int8 else "model.onnx")), threads, engine, spin)
 
 
-def onnx_model(saved: dict, tokenizer_json: str, weights: str | bytes, threads: int = 0, engine: str = "onnxruntime"):
+def onnx_model(saved: dict, tokenizer_json: str, weights: str | bytes, threads: int = 0, engine: str = "onnxruntime",
+               spin: bool = True):
     """The model and tokenizer of an export, from its config, tokenizer.json and weights (a path, or the bytes)."""
     from types import SimpleNamespace
 
     from tokenizers import Tokenizer
 
-    forward = openvino_forward(weights, threads) if engine == "openvino" else onnxruntime_forward(weights, threads)
+    forward = (openvino_forward(weights, threads) if engine == "openvino" else
+               onnxruntime_forward(weights, threads, spin))
     model = SimpleNamespace(config=SimpleNamespace(id2label={int(i): n for i, n in saved["id2label"].items()}),
                             session_forward=forward)
     tokenizer = SimpleNamespace(backend_tokenizer=Tokenizer.from_str(tokenizer_json),
@@ -314,12 +318,14 @@ def onnx_model(saved: dict, tokenizer_json: str, weights: str | bytes, threads: 
     return model, tokenizer
 
 
-def onnxruntime_forward(weights: str | bytes, threads: int):
-    """A function from a padded batch to the logits, on ONNX Runtime's CPU kernels."""
+def onnxruntime_forward(weights: str | bytes, threads: int, spin: bool = True):
+    """A function from a padded batch to the logits, on ONNX Runtime's CPU kernels; spin: its threads busy-wait
+    for the next op (faster for a run of batches; a server's event loop needs those cycles)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     session = onnxruntime.InferenceSession(weights, options, providers=["CPUExecutionProvider"])
     return lambda batch: session.run(["logits"], batch)[0]
 
@@ -817,9 +823,10 @@ class Refused(Exception):
 
 
 class MicroBatcher:
-    """Gathers the texts of concurrent callers into batches of up to max_batch, waiting at most max_wait_s for a
-    batch to fill (LitServe's max_batch_size and batch_timeout), and runs score(texts) -> one row per text in one
-    worker thread, so the event loop stays free. Batches take texts round-robin across the waiting requests, so a
+    """Gathers the texts of concurrent callers into batches of up to max_batch and runs score(texts) -> one row per
+    text in one worker thread, so the event loop stays free. A batch starts as soon as the worker is free, waiting
+    (at most max_wait_s: LitServe's batch_timeout) only while other requests are still being read, inside
+    `with batcher.arriving():`; a lone caller never waits. Batches take texts round-robin across the waiting requests, so a
     small request is not stuck behind a large one. At most max_queue texts wait (more: Refused 503); a request not
     answered within timeout_s gets Refused 504, and its texts still waiting are dropped, as are those of a caller
     that left; a batch that fails is retried text by text, so only the failing texts get the error.
@@ -831,6 +838,7 @@ class MicroBatcher:
         self.timeout_s, self.on_batch, self.on_drop = timeout_s, on_batch, on_drop
         self.batches, self.waiting, self.draining = 0, collections.deque(), False  # waiting: [texts, answers, next]
         self.ready = self.task = self.thread = None
+        self.reading = 0  # requests being read, whose texts a batch may wait for
 
     async def __aenter__(self) -> None:  # None: it also serves as a Starlette lifespan, which yields no state
         self.ready, self.thread = asyncio.Event(), ThreadPoolExecutor(1)  # one thread: batches run one at a time
@@ -839,6 +847,17 @@ class MicroBatcher:
     async def __aexit__(self, *exc) -> None:
         self.task.cancel()
         self.thread.shutdown(wait=False)
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Around reading a request: while any are being read, a batch waits up to max_wait_s for their texts."""
+        self.reading += 1
+        try:
+            yield
+        finally:
+            self.reading -= 1
+            if self.ready is not None:
+                self.ready.set()  # a batch waiting for this request looks again
 
     @property
     def queued(self) -> int:
@@ -907,13 +926,13 @@ class MicroBatcher:
 
     async def next_batch(self) -> list:
         """Up to max_batch (text, answer) pairs, one from each waiting request in turn; after the first text, wait at
-        most max_wait_s for more."""
+        most max_wait_s for more while requests are being read."""
         loop = asyncio.get_running_loop()
         while not self.queued:
             self.ready.clear()
             await self.ready.wait()
         deadline = loop.time() + self.max_wait_s
-        while self.queued < self.max_batch and loop.time() < deadline:
+        while self.queued < self.max_batch and self.reading and loop.time() < deadline:
             self.ready.clear()
             try:
                 await asyncio.wait_for(self.ready.wait(), deadline - loop.time())
@@ -948,7 +967,8 @@ def build_app(score, names: list[str], config: dict):
     json_errors(app)
 
     async def answer(request, field: str, encode):
-        got = await read_texts(request, config, field)
+        with batcher.arriving():
+            got = await read_texts(request, config, field)
         found = got if isinstance(got, Response) else await scored(request, batcher, got[0]) if got[0] else \
             np.zeros((0, len(names)))
         return found if isinstance(found, Response) else JSONResponse(encode(found, got[1]))

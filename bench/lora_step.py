@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "PRECISION"), help=argparse.SUPPRESS)  # a child run
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), metavar="VARIANT",
+                        help="a subset of the variants (default: all; full fine-tuning is always run)")
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), help="default: fp32 and auto's")
     parser.add_argument("--profile", metavar="VARIANT", help="print torch.profiler's table for one variant (fp32)")
     args = parser.parse_args()
     if args.one:
@@ -105,14 +108,14 @@ def main() -> None:
     import predict_sentiment as pst
 
     auto, speedup = pst.resolve_precision("auto", False, 384)
-    precisions = ["fp32"] + (["bf16"] if auto == "bf16" else [])
+    precisions = args.precisions or ["fp32"] + (["bf16"] if auto == "bf16" else [])
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "native")
     print(f"CPU: {cpu_flags()}; torch kernels: ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'native')}, "
           f"ONEDNN_MAX_CPU_ISA={isa}\nauto picks {auto}"
           f"{f' (bf16 matmuls {speedup:.2f}x fp32)' if speedup else ' (bf16 ruled out by the CPU flags)'}; "
           f"batch {BATCH} x {TOKENS} tokens, median of {args.steps} steps, {args.repeats} alternating repeats",
           flush=True)
-    found = {(n, p): [] for p in precisions for n in VARIANTS}
+    found = {(n, p): [] for p in precisions for n in VARIANTS if n in {"full fine-tuning", *args.variants}}
     for _ in range(args.repeats):
         for name, precision in found:
             out = subprocess.run([sys.executable, __file__, "--one", name, precision, "--steps", str(args.steps)],

@@ -72,15 +72,16 @@ async def load(url: str, texts: list[str], clients: int) -> tuple[float, list[fl
     return len(latencies) / wall, latencies, (time.process_time() - cpu) / wall
 
 
-def serve_once(out, runtime: str, texts: list[str], peer: str | None = None) -> dict:
-    """Start our server (or the peer), time until /health answers, run every load level, stop it with SIGTERM."""
+def serve_once(out, runtime: str, texts: list[str], peer: str | None = None, code=ROOT) -> dict:
+    """Start our server (or the peer; code: the checkout whose server runs), time until /health answers, run every
+    load level, stop it with SIGTERM."""
     import httpx
 
     port = free_port()
     url, started = f"http://127.0.0.1:{port}", time.perf_counter()
     command = ["bench/litserve_peer.py", "--port", str(port)] if peer else ["predict_sentiment.py", "--serve",
                                                                              "--port", str(port), "--quiet"]
-    server = subprocess.Popen([sys.executable, *command, "--output-dir", str(out), "--runtime", runtime], cwd=ROOT)
+    server = subprocess.Popen([sys.executable, *command, "--output-dir", str(out), "--runtime", runtime], cwd=code)
     try:
         while True:
             try:
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--runtime", default="onnx-int8", choices=("torch", "onnx", "onnx-int8", "openvino"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peer", choices=("litserve",), help="also serve the model through this peer, alternating")
+    parser.add_argument("--before", help="also serve with the code of this checkout (a git worktree), alternating")
     parser.add_argument("--ray", action="store_true", help="measure Ray against one process instead of the server")
     args = parser.parse_args()
     out = WORK / "inference"
@@ -142,11 +144,12 @@ def main() -> None:
     source, target = WORK / "serve-in.csv", WORK / "serve-out.csv"
     test[["text"]].to_csv(source, index=False)
     texts = list(test["text"])
-    files, servers = [], {"ours": [], **({args.peer: []} if args.peer else {})}
+    files, servers = [], {"ours": [], **({"before": []} if args.before else {}), **({args.peer: []} if args.peer else {})}
     for _ in range(args.repeats):  # alternate, so drift in machine load hits all alike
         files.append(file_scorer(out, args.runtime, source, target))
         for name, found in servers.items():
-            found.append(serve_once(out, args.runtime, texts, None if name == "ours" else name))
+            found.append(serve_once(out, args.runtime, texts, args.peer if name == args.peer else None,
+                                    args.before if name == "before" else ROOT))
             print(f"  {name}: file scorer {files[-1]:.0f} rows/s | ready in {found[-1]['ready_s']:.2f}s | " + " | ".join(
                 f"{c} clients {found[-1][c]['rows_s']:.0f} rows/s, p50 {found[-1][c]['p50_ms']:.1f} ms, p99 "
                 f"{found[-1][c]['p99_ms']:.1f} ms" for c in CLIENTS), flush=True)

@@ -137,3 +137,13 @@ def test_the_readme_deploy_snippet_runs(exported):
     ours = fts.softmax(fts.logits(model, tokenizer, reviews))[:, 1]
     assert printed == pytest.approx(ours.tolist(), abs=1e-5)  # the same cut; batches padded alike
     assert [label for label, _ in labelled] == [label for label, _ in fts.predict(model, tokenizer, reviews)]
+
+
+def test_an_export_without_its_training_reviews_fails_in_one_line_and_keeps_the_old_folder(exported, tmp_path,
+                                                                                            capsys):
+    before = digest(exported / "onnx")
+    message = fails_with(["--output-dir", str(exported), "--export-onnx", "--dataset-name", str(tmp_path / "nope")],
+                         capsys)
+    assert message == (f"error: the int8 model is calibrated on training reviews: dataset '{tmp_path / 'nope'}' "
+                       "does not exist; pass an existing local path or a hub id")
+    assert digest(exported / "onnx") == before

@@ -221,28 +221,38 @@ def test_the_micro_batcher_batches_concurrent_callers_without_http():
         return [len(t) for t in texts]
 
     async def callers():
-        batcher = pst.MicroBatcher(score, max_batch=4, max_wait_s=0.2, max_queue=30)
+        batcher = pst.MicroBatcher(score, max_batch=4, max_wait_s=1.0, max_queue=30)
         async with batcher:
             started = time.monotonic()
             together = await asyncio.gather(*(batcher.submit(["x" * i, "y" * i]) for i in range(1, 4)))
             seconds = time.monotonic() - started
-            alone = await batcher.submit(["z"])  # nobody joins: it waits max_wait_s, not longer
+            started = time.monotonic()
+            alone = await batcher.submit(["z"])  # nobody else is being read: it runs at once
+            alone_seconds = time.monotonic() - started
+            with batcher.arriving():  # a request is being read: the batch waits for its texts
+                early = asyncio.create_task(batcher.submit(["early"]))
+                await asyncio.sleep(0.05)
+                late = asyncio.create_task(batcher.submit(["late"]))
+                await asyncio.sleep(0)
+            joined = await asyncio.gather(early, late)
             shared = await asyncio.gather(batcher.submit(["boom"]), batcher.submit(["fine"]), return_exceptions=True)
             fair = await asyncio.gather(batcher.submit(["long"] * 20), batcher.submit(["late"]))
             try:
                 await batcher.submit(["too many"] * 31)
             except pst.Refused as error:
                 refused = error.status, str(error)
-            return together, seconds, alone, shared, fair, refused, batcher.batches
+            return together, seconds, (alone, alone_seconds, joined), shared, fair, refused, batcher.batches
 
-    together, seconds, alone, shared, fair, refused, count = asyncio.run(asyncio.wait_for(callers(), 30))
+    together, seconds, (alone, alone_seconds, joined), shared, fair, refused, count = asyncio.run(
+        asyncio.wait_for(callers(), 30))
     assert together == [[1, 1], [2, 2], [3, 3]]  # each caller gets its own rows, in order
     assert batches[:2] == [["x", "xx", "xxx", "y"], ["yy", "yyy"]] and seconds < 2  # round-robin, 4 at a time
-    assert alone == [1]
+    assert alone == [1] and alone_seconds < 0.5  # not the 1 s max_wait_s
+    assert joined == [[5], [4]] and batches[3] == ["early", "late"]
     assert str(shared[0]) == "the model broke" and shared[1] == [4]  # one bad text fails its own request only
-    assert batches[3:6] == [["boom", "fine"], ["boom"], ["fine"]]  # the failed batch, retried text by text
-    assert fair[1] == [4] and batches[6] == ["long", "late", "long", "long"]  # the small request is not stuck
-    assert refused[0] == 503 and "MAX_QUEUE is 30" in refused[1] and count == 10  # 4 + 1 + 5 of the 21
+    assert batches[4:7] == [["boom", "fine"], ["boom"], ["fine"]]  # the failed batch, retried text by text
+    assert fair[1] == [4] and batches[7] == ["long", "late", "long", "long"]  # the small request is not stuck
+    assert refused[0] == 503 and "MAX_QUEUE is 30" in refused[1] and count == 11  # 4 + 1 + 1 + 5 of the 21
 
 
 # A hostile world: bad texts, floods, clients that leave, slow and many connections, strangers, web pages ---------
