@@ -5,13 +5,15 @@ loss and the dropout rate stay what they were:
 - every dropout (peft's on each LoRA input, and the encoder's own) draws its mask from 16 random bits an element
   instead of torch's bernoulli_ (p rounded to 1/65536); layers that read the same tensor (query, key and value)
   share its mask, as one dropout of their common input;
-- each LoRA layer (fp32, or under autocast) adds its x A^T B^T * scale in one autograd function: the scale is applied to the rank-r
-  product, the sum is one addmm, and the weight gradients are taken in the orientation CPU matmuls are fast at.
+- each LoRA layer (fp32, or under autocast) adds its x A^T B^T * scale in one autograd function: the scale is
+  applied to the rank-r product, the sum is one addmm, and the weight gradients are taken in the orientation CPU
+  matmuls are fast at; under autocast its products run in autocast's dtype, as peft's would.
 
 The masks are another draw of the same rate; the LoRA layers compute peft's sums in another order (tested against
 peft's outputs and gradients, in fp32 and under bf16 autocast). The saved adapter is plain peft. For DoRA, LoRA
-biases, fan-in-fan-out layers and weights loaded in a low precision, peft's own forward runs. The fused layer plugs into peft's LoraVariant hook, which peft
-calls private: where the hook is not what this file expects, apply() warns once and leaves peft's step in place.
+biases, fan-in-fan-out layers and weights loaded in a low precision, peft's own forward runs. The fused layer plugs
+into peft's LoraVariant hook, which peft calls private: where the hook is not what this file expects, apply() warns
+once and leaves peft's step in place.
 
     import fast_lora
     fast_lora.apply(peft_model)  # True: the fused LoRA layers are in use

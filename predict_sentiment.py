@@ -143,7 +143,7 @@ def run_serve(config: dict) -> None:
     import uvicorn
 
     started = time.perf_counter()
-    model, tokenizer, precision = load_for_inference(config, serving=True)
+    model, tokenizer, precision = load_for_inference(config)
     app = build_app(lambda texts: logits(model, tokenizer, texts, config["BATCH_SIZE"], precision),
                     list(model.config.id2label.values()), config)
     if not is_loopback(config["HOST"]) and not app.key:
@@ -250,11 +250,10 @@ def ray_actors(asked: int, cpus: int) -> int:
     return asked or cpus - 1
 
 
-def load_for_inference(config: dict, serving: bool = False):
-    """What every mode starts with: the saved model, its tokenizer, and the precision to run them in; serving: the
-    model's threads sleep between batches rather than spin, leaving the cores to the event loop."""
+def load_for_inference(config: dict):
+    """What every mode starts with: the saved model, its tokenizer, and the precision to run them in."""
     if config["RUNTIME"] != "torch":  # the exported model: no torch, transformers or peft is imported
-        model, tokenizer = load_exported(Path(config["OUTPUT_DIR"]) / "onnx", config["RUNTIME"], spin=not serving)
+        model, tokenizer = load_exported(Path(config["OUTPUT_DIR"]) / "onnx", config["RUNTIME"])
         return model, tokenizer, config["RUNTIME"]
     model, tokenizer = load_adapter(Path(config["OUTPUT_DIR"]) / "adapter")
     precision, _ = resolve_precision(config["PRECISION"], model.device.type == "cuda", model.config.hidden_size)
@@ -284,31 +283,29 @@ def load_adapter(adapter_dir: Path):
     return model.to(device), tokenizer
 
 
-def load_exported(folder: Path, runtime: str, threads: int = 0, spin: bool = True):
+def load_exported(folder: Path, runtime: str, threads: int = 0):
     """The model RUNTIME (onnx, onnx-int8 or openvino) runs from an export, and its tokenizer."""
     weights, engine = EXPORTED[runtime]
-    return load_onnx(folder, weights == "model_int8.onnx", threads, engine, spin)
+    return load_onnx(folder, weights == "model_int8.onnx", threads, engine)
 
 
-def load_onnx(folder: Path, int8: bool, threads: int = 0, engine: str = "onnxruntime", spin: bool = True):
+def load_onnx(folder: Path, int8: bool, threads: int = 0, engine: str = "onnxruntime"):
     """An exported model and its tokenizer, without torch or transformers: engine (onnxruntime or openvino) and
-    tokenizers stand in; threads: the engine's (0: one per core); spin: ONNX Runtime's threads spin between ops."""
+    tokenizers stand in; threads: the engine's (0: one per core)."""
     if not (folder / "config.json").exists():
         raise InputError(f"no exported model in {folder}; run python fine_tune_sentiment.py --export-onnx first")
     need_package(engine, "tokenizers", what="the OpenVINO runtime" if engine == "openvino" else "the ONNX runtime")
     return onnx_model(json.loads((folder / "config.json").read_text()), (folder / "tokenizer.json").read_text(),
-                      str(folder / ("model_int8.onnx" if int8 else "model.onnx")), threads, engine, spin)
+                      str(folder / ("model_int8.onnx" if int8 else "model.onnx")), threads, engine)
 
 
-def onnx_model(saved: dict, tokenizer_json: str, weights: str | bytes, threads: int = 0, engine: str = "onnxruntime",
-               spin: bool = True):
+def onnx_model(saved: dict, tokenizer_json: str, weights: str | bytes, threads: int = 0, engine: str = "onnxruntime"):
     """The model and tokenizer of an export, from its config, tokenizer.json and weights (a path, or the bytes)."""
     from types import SimpleNamespace
 
     from tokenizers import Tokenizer
 
-    forward = (openvino_forward(weights, threads) if engine == "openvino" else
-               onnxruntime_forward(weights, threads, spin))
+    forward = openvino_forward(weights, threads) if engine == "openvino" else onnxruntime_forward(weights, threads)
     model = SimpleNamespace(config=SimpleNamespace(id2label={int(i): n for i, n in saved["id2label"].items()}),
                             session_forward=forward)
     tokenizer = SimpleNamespace(backend_tokenizer=Tokenizer.from_str(tokenizer_json),
@@ -318,14 +315,12 @@ def onnx_model(saved: dict, tokenizer_json: str, weights: str | bytes, threads: 
     return model, tokenizer
 
 
-def onnxruntime_forward(weights: str | bytes, threads: int, spin: bool = True):
-    """A function from a padded batch to the logits, on ONNX Runtime's CPU kernels; spin: its threads busy-wait
-    for the next op (faster for a run of batches; a server's event loop needs those cycles)."""
+def onnxruntime_forward(weights: str | bytes, threads: int):
+    """A function from a padded batch to the logits, on ONNX Runtime's CPU kernels."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     session = onnxruntime.InferenceSession(weights, options, providers=["CPUExecutionProvider"])
     return lambda batch: session.run(["logits"], batch)[0]
 
@@ -826,10 +821,10 @@ class MicroBatcher:
     """Gathers the texts of concurrent callers into batches of up to max_batch and runs score(texts) -> one row per
     text in one worker thread, so the event loop stays free. A batch starts as soon as the worker is free, waiting
     (at most max_wait_s: LitServe's batch_timeout) only while other requests are still being read, inside
-    `with batcher.arriving():`; a lone caller never waits. Batches take texts round-robin across the waiting requests, so a
-    small request is not stuck behind a large one. At most max_queue texts wait (more: Refused 503); a request not
-    answered within timeout_s gets Refused 504, and its texts still waiting are dropped, as are those of a caller
-    that left; a batch that fails is retried text by text, so only the failing texts get the error.
+    `with batcher.arriving():`; a lone caller never waits. Batches take texts round-robin across the waiting
+    requests, so a small request is not stuck behind a large one. At most max_queue texts wait (more: Refused 503);
+    a request not answered within timeout_s gets Refused 504, and its texts still waiting are dropped, as are those
+    of a caller that left; a batch that fails is retried text by text, so only the failing texts get the error.
     Use it as `async with batcher:`, then `await batcher.submit(texts)`."""
 
     def __init__(self, score, max_batch: int, max_wait_s: float, max_queue: int = 1 << 30,

@@ -25,7 +25,8 @@ from bench.predict_file import run  # noqa: E402
 from bench.run import ROOT, WORK, cpu_flags, ensure_packages  # noqa: E402
 
 RUNTIMES = {"torch fp32": ["--precision", "fp32"], "torch auto": ["--precision", "auto"],
-            "onnx": ["--runtime", "onnx"], "onnx-int8": ["--runtime", "onnx-int8"], "openvino": ["--runtime", "openvino"]}
+            "onnx": ["--runtime", "onnx"], "onnx-int8": ["--runtime", "onnx-int8"],
+            "openvino": ["--runtime", "openvino"]}
 TRAIN = ["--train-samples", "0", "--eval-samples", "0", "--max-length", "128", "--batch-size", "32",
          "--target-modules", "all-linear", "--learning-rate", "1e-3", "--epochs", "2", "--merge"]  # the README's
 # "Try it without internet" command

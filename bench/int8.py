@@ -76,9 +76,10 @@ def main() -> None:
         rate = statistics.median(rates[name])
         ops = flops * rate / len(texts) / 1e9
         peak = peaks["fp32" if "fp32" in name else "int8"]
-        gaps = [f"{np.abs(alone - p[:args.alone]).max():.4f}, {int((alone.argmax(-1) != p[:args.alone].argmax(-1)).sum())}"
-                for p in (found, shuffled)]
-        print(f"| {name} | {np.mean(found.argmax(-1) == labels):.4f} | {int((found.argmax(-1) != reference.argmax(-1)).sum())} "
+        gaps = [f"{np.abs(alone - p[:args.alone]).max():.4f}, "
+                f"{int((alone.argmax(-1) != p[:args.alone].argmax(-1)).sum())}" for p in (found, shuffled)]
+        unlike = int((found.argmax(-1) != reference.argmax(-1)).sum())
+        print(f"| {name} | {np.mean(found.argmax(-1) == labels):.4f} | {unlike} "
               f"| {rate:.0f} | {ops:.0f} | {100 * ops / peak:.0f}% | {gaps[0]} | {gaps[1]} |", flush=True)
 
 

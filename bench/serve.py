@@ -21,6 +21,7 @@ import asyncio
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -81,7 +82,8 @@ def serve_once(out, runtime: str, texts: list[str], peer: str | None = None, cod
     url, started = f"http://127.0.0.1:{port}", time.perf_counter()
     command = ["bench/litserve_peer.py", "--port", str(port)] if peer else ["predict_sentiment.py", "--serve",
                                                                              "--port", str(port), "--quiet"]
-    server = subprocess.Popen([sys.executable, *command, "--output-dir", str(out), "--runtime", runtime], cwd=code)
+    server = subprocess.Popen([sys.executable, *command, "--output-dir", str(out), "--runtime", runtime], cwd=code,
+                              start_new_session=True)  # its own process group: LitServe's workers go with it
     try:
         while True:
             try:
@@ -100,8 +102,13 @@ def serve_once(out, runtime: str, texts: list[str], peer: str | None = None, cod
                               "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)], "sent": len(latencies),
                               "client_cpu": client_cpu}
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+        time.sleep(1)
+        try:
+            os.killpg(server.pid, signal.SIGKILL)  # whatever is left of the group (a peer's worker processes)
+        except ProcessLookupError:
+            pass
     return found
 
 
@@ -144,15 +151,17 @@ def main() -> None:
     source, target = WORK / "serve-in.csv", WORK / "serve-out.csv"
     test[["text"]].to_csv(source, index=False)
     texts = list(test["text"])
-    files, servers = [], {"ours": [], **({"before": []} if args.before else {}), **({args.peer: []} if args.peer else {})}
+    files, servers = [], {"ours": [], **({"before": []} if args.before else {}),
+                          **({args.peer: []} if args.peer else {})}
     for _ in range(args.repeats):  # alternate, so drift in machine load hits all alike
         files.append(file_scorer(out, args.runtime, source, target))
         for name, found in servers.items():
             found.append(serve_once(out, args.runtime, texts, args.peer if name == args.peer else None,
                                     args.before if name == "before" else ROOT))
-            print(f"  {name}: file scorer {files[-1]:.0f} rows/s | ready in {found[-1]['ready_s']:.2f}s | " + " | ".join(
-                f"{c} clients {found[-1][c]['rows_s']:.0f} rows/s, p50 {found[-1][c]['p50_ms']:.1f} ms, p99 "
-                f"{found[-1][c]['p99_ms']:.1f} ms" for c in CLIENTS), flush=True)
+            levels = " | ".join(f"{c} clients {found[-1][c]['rows_s']:.0f} rows/s, p50 {found[-1][c]['p50_ms']:.1f} "
+                                f"ms, p99 {found[-1][c]['p99_ms']:.1f} ms" for c in CLIENTS)
+            print(f"  {name}: file scorer {files[-1]:.0f} rows/s | ready in {found[-1]['ready_s']:.2f}s | {levels}",
+                  flush=True)
     scorer = statistics.median(files)
     print(f"\nmedians of {args.repeats}: file scorer {scorer:.0f} rows/s")
     print("| server | clients | rows/s | vs file scorer | p50 ms | p99 ms | client CPU (cores) | ready s |\n"

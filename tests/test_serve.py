@@ -447,10 +447,15 @@ def test_slow_and_many_connections_are_closed_and_health_still_answers(guarded):
 def test_a_drain_that_runs_out_of_time_refuses_the_rest_and_exits_1(exported):
     with server_process("predict_sentiment.py", exported, "--runtime", "onnx", "--max-wait-ms", "2000",
                         "--batch-size", "64", "--drain-s", "0.3") as (url, process), ThreadPoolExecutor(8) as pool:
+        slow = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5)
+        slow.sendall(b"POST /predict HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: 40\r\n\r\n{\"texts\": [")  # a body still coming: batches wait for it
+        time.sleep(0.2)
         pending = [pool.submit(post, url, ["the movie was great"]) for _ in range(8)]
-        time.sleep(0.5)  # queued: waiting 2 s for the batch to fill
+        time.sleep(0.5)  # queued: waiting up to 2 s for the slow request's text to join the batch
         process.send_signal(signal.SIGTERM)
         codes = sorted(p.result(timeout=30).status_code for p in pending)
         assert process.wait(timeout=30) == 1
         assert codes == [503] * 8
         assert "the drain ran out of its 0.3 s: 8 queued requests were refused" in process.communicate()[1]
+        slow.close()
