@@ -41,7 +41,7 @@ BATCH_SIZE: int = 32  # reviews per forward pass, and the server's largest batch
 # serve
 HOST: str = "127.0.0.1"  # the server listens here only; 0.0.0.0 opens it to the network
 PORT: int = 8000  # the server's port
-MAX_WAIT_MS: float = 5.0  # a request waits at most this long for others to join its batch
+MAX_WAIT_MS: float = 5.0  # a batch waits at most this long for requests still being read; a lone one never waits
 MAX_TEXTS: int = 256  # texts one request may send
 MAX_BODY_KB: int = 1024  # the largest request body
 MAX_QUEUE: int = 1024  # texts waiting to be scored, at most; a request that would pass it gets 503 and Retry-After

@@ -19,6 +19,7 @@ from conftest import DEVICE, PRESET, PROBES, make_reviews, precision_flags
 
 SCRIPT = str(Path(fts.__file__))
 REVIEWS = ["the movie was great and wonderful", "awful boring plot , the worst", ""]
+BF16_RELOAD_GAP = 0.05  # logits of the fused bf16 layers against peft's bf16 ones, the trained tiny model
 BF16_LOGIT_GAP = 0.3  # fused against peft's bf16 step on the tiny model: measured 0.125 (peft's bf16 to fp32: 0.14)
 BF16_RELATIVE_GAP = 0.3  # a bf16 gradient's distance to the fp32 one over its norm: measured up to 0.18 (peft's 0.12)
 
@@ -49,8 +50,10 @@ def test_adapter_reloads_with_the_trained_models_logits(trained):
     from transformers import AutoModelForSequenceClassification
 
     reloaded = fts.logits(model, tokenizer, PROBES, precision=conftest.PRECISION)
-    # the same arithmetic (precision, kernels, batch) as the in-memory model before saving: equal
-    assert np.array_equal(reloaded, trained["logits_before_save"])
+    # fp32: the same arithmetic (precision, kernels, batch) as the in-memory model before saving, so equal; bf16: the
+    # in-memory model runs fast_lora's fused layers, the reloaded one peft's, one bf16 rounding apart (measured 0.02)
+    gap = 0 if conftest.PRECISION == "fp32" else BF16_RELOAD_GAP
+    assert np.abs(reloaded - trained["logits_before_save"]).max() <= gap
     assert reloaded[0].argmax() == 1 and reloaded[1].argmax() == 0  # and they are the trained model's, not noise
     merged = AutoModelForSequenceClassification.from_pretrained(trained["out"] / "merged")
     # --merge folds LoRA into the weights: the same sums in another order, so fp32 rounding (measured 1e-6)
