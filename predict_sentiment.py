@@ -327,8 +327,9 @@ def onnxruntime_forward(weights: str | bytes, threads: int):
 
 def openvino_forward(weights: str | bytes, threads: int):
     """A function from a padded batch to the logits, on OpenVINO's CPU plugin: the int8 MatMuls on its kernels
-    (AMX and VNNI where the CPU has them), everything else in fp32, so a review's score is its own in any batch
-    (the plugin's default on a bf16 CPU, bf16 elsewhere, moved scores by up to 0.005 with the batch)."""
+    (AMX and VNNI where the CPU has them), everything else in fp32 (the plugin's default on a bf16 CPU, bf16
+    elsewhere, moved scores by 0.005 with the batch). Its kernels still differ by shape: a review's score moved by
+    up to 0.009 between batches of other lengths (bench/int8.py); onnx-int8 is exact."""
     import openvino
 
     core = openvino.Core()

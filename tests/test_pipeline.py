@@ -19,9 +19,6 @@ from conftest import DEVICE, PRESET, PROBES, make_reviews, precision_flags
 
 SCRIPT = str(Path(fts.__file__))
 REVIEWS = ["the movie was great and wonderful", "awful boring plot , the worst", ""]
-BF16_RELOAD_GAP = 0.05  # logits of the fused bf16 layers against peft's bf16 ones, the trained tiny model
-BF16_LOGIT_GAP = 0.3  # fused against peft's bf16 step on the tiny model: measured 0.125 (peft's bf16 to fp32: 0.14)
-BF16_RELATIVE_GAP = 0.3  # a bf16 gradient's distance to the fp32 one over its norm: measured up to 0.18 (peft's 0.12)
 
 
 def test_metrics_json_has_every_field_and_both_classes(trained):
@@ -50,10 +47,8 @@ def test_adapter_reloads_with_the_trained_models_logits(trained):
     from transformers import AutoModelForSequenceClassification
 
     reloaded = fts.logits(model, tokenizer, PROBES, precision=conftest.PRECISION)
-    # fp32: the same arithmetic (precision, kernels, batch) as the in-memory model before saving, so equal; bf16: the
-    # in-memory model runs fast_lora's fused layers, the reloaded one peft's, one bf16 rounding apart (measured 0.02)
-    gap = 0 if conftest.PRECISION == "fp32" else BF16_RELOAD_GAP
-    assert np.abs(reloaded - trained["logits_before_save"]).max() <= gap
+    # the same arithmetic (precision, kernels, batch) as the in-memory model before saving: equal
+    assert np.array_equal(reloaded, trained["logits_before_save"])
     assert reloaded[0].argmax() == 1 and reloaded[1].argmax() == 0  # and they are the trained model's, not noise
     merged = AutoModelForSequenceClassification.from_pretrained(trained["out"] / "merged")
     # --merge folds LoRA into the weights: the same sums in another order, so fp32 rounding (measured 1e-6)
@@ -120,19 +115,6 @@ def test_the_fused_lora_layers_give_peft_s_outputs_and_gradients(tiny_model):
     for name in grads:
         # fp32 sums in another order: the gradients of 16 x 24 tokens differ by a few ulps of their sum
         torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-5, msg=name)
-
-
-def test_under_bf16_autocast_the_fused_layers_give_peft_s_step_within_bf16_error(tiny_model):
-    (logits, grads, kind), (peft_logits, peft_grads, _) = (lora_step(tiny_model, f, True) for f in (1, 0))
-    _, fp32_grads, _ = lora_step(tiny_model, False, False)
-    assert "LoraProduct" in kind, kind  # the fused layer runs under autocast too
-    assert all(g.dtype == torch.float32 for g in grads.values())  # handed back in the weights' dtype
-    torch.testing.assert_close(logits, peft_logits, rtol=0, atol=BF16_LOGIT_GAP)
-    ours, peft = ({n: float((g[n] - fp32_grads[n]).norm() / fp32_grads[n].norm()) for n in g}
-                  for g in (grads, peft_grads))
-    assert max(ours.values()) <= BF16_RELATIVE_GAP, ours
-    # against the fp32 step, on average over the weights: 0.10 fused, 0.068 peft's (bf16 rounds at other places)
-    assert np.mean(list(ours.values())) <= 2 * np.mean(list(peft.values())), (ours, peft)
 
 
 def test_a_changed_peft_hook_warns_once_and_trains_with_peft_s_step(run_args, tiny_model, monkeypatch, caplog):
