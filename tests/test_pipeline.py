@@ -89,9 +89,9 @@ def test_lora_dropout_is_drawn_cheaply_with_one_mask_for_query_key_value(tiny_mo
     assert torch.equal(seen["q_lin"], seen["q_lin x"]) and torch.equal(seen["lin1"], seen["lin1 x"])
 
 
-def lora_step(tiny_model, fused: bool, autocast: bool):
-    """Logits, the trainable weights' gradients and the LoRA layers' grad_fn of one step on a fixed batch (dropout
-    0), with the fused LoRA layers or peft's own, in fp32 or under bf16 autocast."""
+def lora_step(tiny_model, fused: bool):
+    """Logits, the trainable weights' gradients and the LoRA layers' grad_fn of one fp32 step on a fixed batch
+    (dropout 0), with the fused LoRA layers or peft's own."""
     torch.manual_seed(0)
     ids = torch.randint(5, 30, (16, 24))
     model = fts.build_model(tiny_model, ["all-linear"], 8, 16, 0.0, fast_step=fused).train()
@@ -99,16 +99,15 @@ def lora_step(tiny_model, fused: bool, autocast: bool):
     assert len(layers) == 12 and all(bool(m.lora_variant) == fused for m in layers)  # 2 blocks x 6 linears
     for layer in layers:
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.5)  # B starts at 0: make the path count
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.arange(16) % 2)
-        kind = type(layers[0].forward(torch.ones(2, 3, 32, requires_grad=True)).grad_fn).__name__
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.arange(16) % 2)
+    kind = type(layers[0].forward(torch.ones(2, 3, 32, requires_grad=True)).grad_fn).__name__
     out.loss.backward()
     return out.logits.detach().float(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, kind
 
 
 def test_the_fused_lora_layers_give_peft_s_outputs_and_gradients(tiny_model):
     """fast_lora's one-function LoRA layers against peft's own (FAST_STEP off), same weights and batch, fp32."""
-    (logits, grads, kind), (peft_logits, peft_grads, peft_kind) = (lora_step(tiny_model, f, False) for f in (1, 0))
+    (logits, grads, kind), (peft_logits, peft_grads, peft_kind) = (lora_step(tiny_model, f) for f in (1, 0))
     assert "LoraProduct" in kind and "LoraProduct" not in peft_kind, (kind, peft_kind)
     torch.testing.assert_close(logits, peft_logits, rtol=1e-5, atol=1e-5)  # the same products, summed in another order
     assert grads.keys() == peft_grads.keys() and any("lora_A" in n for n in grads)
