@@ -38,8 +38,10 @@ from urllib.parse import urlparse
 import numpy as np
 
 import predict_sentiment as inference
+from evaluation import (calibration_report, choose_threshold, compute_metrics, fit_temperature, metrics_from,
+                        parse_threshold, save_plot, write_report)
 from predict_sentiment import (ID2LABEL, InputError, encode, load_adapter, load_for_inference, logits, need_package,
-                               one_line, pad, predict, print_predictions, settings_parser, softmax)
+                               one_line, pad, predict, print_predictions, settings_parser, threshold_of)
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
@@ -67,6 +69,7 @@ VALIDATION: float = 0.1  # with EPOCHS > 1, the share of train that picks the ep
 SCHEDULER: str = "linear"  # how the learning rate decays after warmup: linear or cosine
 CLASS_WEIGHTS: str = "none"  # none, or balanced: each class's loss weighted by rows / (classes x its rows)
 CALIBRATE: bool = True  # fit a temperature on the validation split so the probabilities mean what they say
+THRESHOLD: str = "argmax"  # two classes: argmax, a probability (0.7), or tuned on validation: f1, precision=P, recall=R
 # LoRA
 LORA_R: int = 8  # rank of the low-rank update; 4-16 is typical
 LORA_ALPHA: int = 16  # update scale is alpha / r; 2 * r is the usual choice
@@ -129,13 +132,16 @@ def run_training(config: dict, args: argparse.Namespace, state) -> dict:
     with state.main_process_first():  # a download is written once, then read by the other processes
         model = load_model(config, run.model_name, data["train"].features["labels"].names)  # 3. the LoRA model
     trainer, train_metrics = train(model, tokenizer, data, run)  # 3. train
-    metrics = evaluate(trainer, data, config["CALIBRATE"]) | describe(run, model, data, trainer, train_metrics)  # 4.
+    metrics, scored = evaluate(trainer, data, config)  # 4. evaluate (calibrate, choose the threshold)
+    metrics |= describe(run, model, data, trainer, train_metrics)
     if not state.is_main_process:
         return metrics  # the main process prints and saves
     print_metrics(metrics)
+    tokenizer.init_kwargs["decision_threshold"] = scored.threshold  # saved with the model: every runtime decides so
     samples = config["SAMPLE_REVIEWS"]
     print_predictions(samples, predict(model, tokenizer, samples, precision=run.precision))  # 5. predict
-    paths = save_outputs(model, tokenizer, metrics, trainer.state, Path(config["OUTPUT_DIR"]), config["MERGE"])  # 6.
+    paths = save_outputs(model, tokenizer, metrics, trainer.state, Path(config["OUTPUT_DIR"]), config["MERGE"],
+                         scored)  # 6. save
     remove_checkpoints(Path(config["OUTPUT_DIR"]) / "checkpoints")  # finished: nothing to resume
     log.info(f"Done: accuracy {metrics['eval_accuracy']:.4f}, F1 {metrics['eval_f1']:.4f}, trained in "
              f"{metrics['train_seconds']:.0f}s | " + " | ".join(f"{k}: {p}" for k, p in paths.items()))
@@ -158,9 +164,21 @@ def prepare(config: dict, args: argparse.Namespace, state, epochs: int | None = 
         except OSError as error:  # not found, offline and not cached
             raise InputError(f"could not load model {config['MODEL_NAME']!r}: {one_line(error)}") from error
         data = tokenize(data, tokenizer)  # once; batches are padded later
+    check_threshold(config["THRESHOLD"], data)
     run.precision, run.speedup = resolve_precision(state, config["PRECISION"], run.has_gpu,
                                                    run.model_config.hidden_size)
     return run, data, tokenizer
+
+
+def check_threshold(spec: str, data: DatasetDict) -> None:
+    """THRESHOLD is for two classes, and the tuned ones need a validation split: say so before training."""
+    kind, _ = parse_threshold(spec)
+    classes = data["train"].features["labels"].num_classes
+    if kind != "argmax" and classes != 2:
+        raise InputError(f"THRESHOLD {spec} is for two classes; this data has {classes}: use argmax")
+    if kind not in ("argmax", "fixed") and "validation" not in data:
+        raise InputError(f"THRESHOLD {spec} is tuned on the validation split, and this run has none (one epoch, or "
+                         f"VALIDATION=0): train 2+ epochs, or give a fixed threshold such as 0.7")
 
 
 @dataclass
@@ -189,6 +207,7 @@ def start_run(config: dict, args: argparse.Namespace, state) -> Run:
     if not has_gpu and "LOCAL_WORLD_SIZE" in os.environ:  # torchrun gives each process 1 thread: give it its share
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         torch.set_num_threads(max(1, cores // int(os.environ["LOCAL_WORLD_SIZE"])))
+    parse_threshold(config["THRESHOLD"])  # a bad value fails before anything loads
     preset = apply_preset(config, has_gpu)
     repair_outputs(Path(config["OUTPUT_DIR"]))
     log.info(f"Preset: {preset} ({'CUDA: ' + device if has_gpu else 'no GPU found'}); "
@@ -421,7 +440,9 @@ def tokenize(data: DatasetDict, tokenizer) -> DatasetDict:
         encoded["length"] = [len(ids) for ids in encoded["input_ids"]]  # for length-grouped batches
         return encoded
 
-    return data.map(encode_batch, batched=True, remove_columns=["text"], desc="Tokenizing")
+    tokenized = data.map(encode_batch, batched=True, remove_columns=["text"], desc="Tokenizing")
+    tokenized["test"] = tokenized["test"].add_column("text", data["test"]["text"])  # the report quotes mistakes
+    return tokenized
 
 # 3. The model: a pretrained encoder, a head for the classes, LoRA around it ------------------------------------
 
@@ -649,15 +670,53 @@ def weighted_loss(weights: list[float]):
 # 5. Evaluate ------------------------------------------------------------------------------------------------------
 
 
-def evaluate(trainer, data: DatasetDict, calibrated: bool) -> dict:
+def evaluate(trainer, data: DatasetDict, config: dict) -> tuple[dict, Scored]:
     """Score the test split once: loss, accuracy, F1, precision, recall, confusion matrix; with CALIBRATE, after the
-    temperature was fitted on validation and folded into the head, so test sees the model as it is saved."""
+    temperature was fitted on validation and folded into the head, so test sees the model as it is saved; labelled
+    with THRESHOLD, chosen after calibration (and at argmax too)."""
     model = trainer.model  # the peft model (trainer.model_wrapped is the DDP one)
-    found = calibrate(model, trainer, data) if calibrated else Calibration("off")
-    test = trainer.predict(data["test"].sort("length"), metric_key_prefix="eval")  # sorted by length: less padding
+    found = calibrate(model, trainer, data) if config["CALIBRATE"] else Calibration("off")
+    threshold, choice = tune_threshold(config["THRESHOLD"], trainer, data, found)
+    test_rows = data["test"].sort("length")  # sorted by length: less padding
+    test = trainer.predict(test_rows, metric_key_prefix="eval")
     speed = {k: round(v, 4) for k, v in test.metrics.items() if k.endswith(("_runtime", "_per_second"))}
-    return metrics_from(test.predictions, test.label_ids, list(model.config.id2label.values())) | speed | {
-        "calibration": calibration_report(found, test) if found.status == "calibrated" else found.status}
+    report = found.status
+    if found.status == "calibrated":
+        report = calibration_report(found.temperature, found.held.predictions, found.held.label_ids,
+                                    test.predictions, test.label_ids)
+        log.info(f"Calibrated on {len(found.held.label_ids)} validation rows: temperature {found.temperature:.3f};"
+                 f" test ECE {report['test_ece_before']:.4f} -> {report['test_ece_after']:.4f} (90% "
+                 f"{report['test_ece_after_90'][0]:.4f}-{report['test_ece_after_90'][1]:.4f}), NLL "
+                 f"{report['test_nll_before']:.4f} -> {report['test_nll_after']:.4f}")
+    names = list(model.config.id2label.values())
+    metrics = metrics_from(test.predictions, test.label_ids, names, threshold) | speed | {
+        "calibration": report, "threshold_choice": choice}
+    return metrics, Scored(test.predictions, test.label_ids, test_rows["text"], threshold, found.temperature)
+
+
+@dataclass
+class Scored:
+    """The test split as the saved model scored it, for the report: logits, labels, texts, decision threshold (None:
+    argmax) and the temperature calibration folded in (1.0: none)."""
+    logits: np.ndarray
+    labels: np.ndarray
+    texts: list[str]
+    threshold: float | None
+    temperature: float
+
+
+def tune_threshold(spec: str, trainer, data: DatasetDict, found: Calibration) -> tuple[float | None, dict]:
+    """THRESHOLD's value: fixed, or tuned on the validation split's calibrated probabilities."""
+    if parse_threshold(spec)[0] in ("argmax", "fixed"):
+        return choose_threshold(spec, None, None)
+    held = found.held or trainer.predict(data["validation"].sort("length"), metric_key_prefix="validation")
+    threshold, choice = choose_threshold(spec, held.predictions / found.temperature, held.label_ids)
+    if "status" in choice:
+        log.warning(f"warning: THRESHOLD {spec}: {choice['status']}")
+    else:
+        log.info(f"Threshold {threshold:.4f} ({spec}, on {len(held.label_ids)} validation rows: "
+                 + ", ".join(f"{k} {v:.4f}" for k, v in choice["validation"].items()) + ")")
+    return threshold, choice
 
 
 @dataclass
@@ -681,34 +740,6 @@ def calibrate(model, trainer, data: DatasetDict) -> Calibration:
     return Calibration("calibrated", temperature, held)
 
 
-def calibration_report(found: Calibration, test) -> dict:
-    """The temperature, and NLL (validation, test) and ECE (test) before and after it; test was scored after."""
-    held, t = found.held, found.temperature
-    report = {"temperature": t, "bins": 15,
-              "validation_nll_before": cross_entropy(held.predictions, held.label_ids),
-              "validation_nll_after": cross_entropy(held.predictions / t, held.label_ids),
-              "test_ece_before": ece(test.predictions * t, test.label_ids),
-              "test_ece_after": ece(test.predictions, test.label_ids),
-              "test_nll_before": cross_entropy(test.predictions * t, test.label_ids),
-              "test_nll_after": cross_entropy(test.predictions, test.label_ids)}
-    log.info(f"Calibrated on {len(held.label_ids)} validation rows: temperature {t:.3f}; test ECE "
-             f"{report['test_ece_before']:.4f} -> {report['test_ece_after']:.4f}, NLL {report['test_nll_before']:.4f}"
-             f" -> {report['test_nll_after']:.4f}")
-    return {k: round(v, 4) for k, v in report.items()}
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The T in [0.05, 20] that minimises the NLL of logits / T: golden-section search over log T (NLL is unimodal)."""
-    low, high, ratio = np.log(0.05), np.log(20.0), (np.sqrt(5) - 1) / 2
-    for _ in range(60):
-        a, b = high - ratio * (high - low), low + ratio * (high - low)
-        if cross_entropy(logits / np.exp(a), labels) < cross_entropy(logits / np.exp(b), labels):
-            high = b
-        else:
-            low = a
-    return float(np.exp((low + high) / 2))
-
-
 def scale_classifier(model, factor: float) -> None:
     """Multiply the trained classifier's last linear layer (weight and bias) by factor: the logits scale with it."""
     import torch
@@ -721,63 +752,6 @@ def scale_classifier(model, factor: float) -> None:
         last.weight.mul_(factor)
         if last.bias is not None:
             last.bias.mul_(factor)
-
-
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The mean negative log-probability of the true classes (NLL)."""
-    return float(-np.log(np.maximum(softmax(logits)[np.arange(len(labels)), labels], 1e-12)).mean())
-
-
-def ece(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error: |accuracy - confidence| per equal-width confidence bin, weighted by its rows."""
-    probabilities = softmax(logits)
-    confidence, right = probabilities.max(-1), probabilities.argmax(-1) == labels
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
-    return float(sum(abs(right[which == b].mean() - confidence[which == b].mean()) * np.mean(which == b)
-                     for b in range(bins) if np.any(which == b)))
-
-
-def metrics_from(logits: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
-    """The eval_* metrics and the confusion matrix of logits against labels; per-class F1 with 3+ classes."""
-    matrix = confusion_matrix(labels, np.argmax(logits, axis=-1), len(names))
-    found = scores(matrix)
-    metrics = {f"eval_{k}": round(found[k], 4) for k in ("accuracy", "f1", "precision", "recall")}
-    metrics["eval_loss"] = round(cross_entropy(logits, labels), 4)
-    metrics["per_class_recall"] = dict(zip(names, found["per_class_recall"]))  # what class weights are for
-    if len(names) > 2:  # two classes keep exactly the fields they always had
-        metrics |= {"average": "macro", "per_class_f1": dict(zip(names, found["per_class_f1"]))}
-    return metrics | {"confusion_matrix": matrix}
-
-
-def compute_metrics(eval_pred) -> dict:
-    """The Trainer's per-evaluation metrics: scores() of the confusion matrix, scalars only."""
-    logits, labels = eval_pred
-    predictions = np.argmax(logits, axis=-1)
-    metrics = scores(confusion_matrix(labels, predictions, logits.shape[-1]))
-    metrics["predicted_classes"] = len(np.unique(predictions))  # 1: collapsed (--search prunes such a trial)
-    del metrics["per_class_f1"], metrics["per_class_recall"]  # the Trainer logs scalars; metrics_from has the lists
-    return metrics
-
-
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, classes: int = 2) -> list[list[int]]:
-    """Counts of (true class, predicted class); for two classes [[tn, fp], [fn, tp]]."""
-    return [[int(np.sum((labels == true) & (predictions == guess))) for guess in range(classes)]
-            for true in range(classes)]
-
-
-def scores(matrix: list[list[int]]) -> dict:
-    """Accuracy, F1, precision, recall and per-class F1 from a confusion matrix: no hub, no extra package.
-
-    With two classes F1, precision and recall are POSITIVE's; with more they are the macro average."""
-    matrix = np.array(matrix)
-    hits, predicted, actual = np.diag(matrix), matrix.sum(axis=0), matrix.sum(axis=1)
-    precision, recall = hits / np.maximum(predicted, 1), hits / np.maximum(actual, 1)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(hits)),
-                   where=precision + recall > 0)
-    pick = (lambda x: float(x[1])) if len(hits) == 2 else (lambda x: float(x.mean()))
-    return {"accuracy": float(hits.sum() / matrix.sum()), "f1": pick(f1), "precision": pick(precision),
-            "recall": pick(recall), "per_class_f1": [round(float(x), 4) for x in f1],
-            "per_class_recall": [round(float(x), 4) for x in recall]}
 
 
 def describe(run: Run, model, data: DatasetDict, trainer, train_metrics: dict) -> dict:
@@ -809,9 +783,11 @@ def selection(state, data: DatasetDict) -> dict:
 # 7. Save ----------------------------------------------------------------------------------------------------------
 
 
-def save_outputs(model, tokenizer, metrics: dict, state, output_dir: Path, merge: bool) -> dict:
-    """Write adapter/, metrics.json, training.png (and merged/) so an earlier run's files survive a crash."""
-    paths = {"adapter": output_dir / "adapter", "metrics": output_dir / "metrics.json"}
+def save_outputs(model, tokenizer, metrics: dict, state, output_dir: Path, merge: bool, scored: Scored) -> dict:
+    """Write adapter/, metrics.json, report.html, training.png (and merged/), so an earlier run's files survive a
+    crash."""
+    paths = {"adapter": output_dir / "adapter", "metrics": output_dir / "metrics.json",
+             "report": output_dir / "report.html"}
     history = state.log_history
     if not any("eval_accuracy" in h for h in history):  # one epoch: the final evaluation is the only one
         history = history + [{"step": state.global_step, "eval_loss": metrics["eval_loss"],
@@ -820,8 +796,10 @@ def save_outputs(model, tokenizer, metrics: dict, state, output_dir: Path, merge
     write_dir(paths["adapter"], lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp),
                                              write_card(Path(tmp), paths["adapter"], metrics, "peft")))
     write_json(paths["metrics"], metrics | {"history": history})
-    plot = save_plot(history, metrics["confusion_matrix"], list(model.config.id2label.values()),
-                     output_dir / "training.png")
+    names = list(model.config.id2label.values())
+    write_report(paths["report"], metrics, scored.logits, scored.labels, scored.texts, names, scored.threshold,
+                 scored.temperature)
+    plot = save_plot(history, metrics["confusion_matrix"], names, output_dir / "training.png", log)
     if plot:
         paths["plot"] = plot
     if merge:  # last: merging folds LoRA into the base weights of this in-memory model
@@ -906,35 +884,6 @@ def write_card(folder: Path, where: Path, metrics: dict, library: str) -> None:
         load=LOAD[library].format(where=where))
     ModelCard(CARD.format(**fields)).save(folder / "README.md")
 
-
-def save_plot(history: list, matrix: list, names: list[str], path: Path) -> Path | None:
-    """Plot train/eval loss and eval accuracy per step next to the confusion matrix."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("warning: matplotlib is not installed, so no plot was drawn (pip install matplotlib)")
-        return None
-    fig, (curves, cells) = plt.subplots(1, 2, figsize=(11, 4 + len(names) // 4))
-    for key, style in (("loss", "-"), ("eval_loss", "o-"), ("eval_accuracy", "s--")):
-        points = [(h["step"], h[key]) for h in history if key in h]
-        if points:
-            curves.plot(*zip(*points), style, label=key.replace("_", " "))
-    curves.set(xlabel="step", title="Training")
-    curves.legend()
-    cells.imshow(matrix, cmap="Blues")
-    for (row, col), count in np.ndenumerate(np.array(matrix)):
-        cells.text(col, row, str(count), ha="center", va="center", fontsize=14 if len(names) < 6 else 8)
-    ticks = list(range(len(names)))
-    cells.set(xticks=ticks, yticks=ticks, xticklabels=names, yticklabels=names,
-              xlabel="predicted", ylabel="true", title="Confusion matrix (eval)")
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 # The other modes: a settings search, and the saved adapter at work ----------------------------------------------
 
@@ -1086,15 +1035,17 @@ def run_eval_only(config: dict, quiet: bool) -> dict:
     started = time.perf_counter()
     found = logits(model, tokenizer, data["text"], eval_batch_size(config), precision, progress=not quiet)
     seconds = time.perf_counter() - started
-    metrics = metrics_from(found, np.array(data["labels"]), names) | {
+    labels, threshold = np.array(data["labels"]), threshold_of(tokenizer)
+    metrics = metrics_from(found, labels, names, threshold) | {
         "eval_runtime": round(seconds, 4), "eval_samples_per_second": round(len(data) / seconds, 3),
         "eval_samples": len(data), "dataset": config["DATASET_NAME"],
         "adapter": str((output_dir / "adapter").resolve()), "precision": precision,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     print_metrics(metrics)
     write_json(output_dir / "eval_metrics.json", metrics)  # never metrics.json: that one describes the training
+    report = write_report(output_dir / "eval_report.html", metrics, found, labels, data["text"], names, threshold)
     log.info(f"Done: accuracy {metrics['eval_accuracy']:.4f} on {len(data)} rows | "
-             f"eval_metrics: {output_dir / 'eval_metrics.json'}")
+             f"eval_metrics: {output_dir / 'eval_metrics.json'} | report: {report}")
     return metrics
 
 
@@ -1140,6 +1091,7 @@ def export_onnx(model, tokenizer, folder: Path, calibration: list[str]) -> None:
     write_json(folder / "config.json", {
         "id2label": model.config.id2label, "max_length": tokenizer.model_max_length, "inputs": inputs,
         "truncation": tokenizer.init_kwargs.get("review_truncation", "head"), "pad_token_id": tokenizer.pad_token_id,
+        "threshold": threshold_of(tokenizer),
         "base_model": model.config.name_or_path, "int8": f"static, calibrated on {len(calibration)} training reviews",
         "date": time.strftime("%Y-%m-%d")})
 
@@ -1288,6 +1240,10 @@ def print_metrics(metrics: dict) -> None:
     print("=== eval metrics ===")
     for key in ("eval_accuracy", "eval_f1", "eval_precision", "eval_recall", "eval_loss"):
         print(f"{key}: {metrics[key]:.4f}")
+    if metrics.get("argmax"):  # a saved threshold: the metrics above are at it
+        plain = metrics["argmax"]
+        print(f"threshold: {metrics['threshold']:.4f} (at argmax: accuracy {plain['eval_accuracy']:.4f}, "
+              f"F1 {plain['eval_f1']:.4f})")
     if len(metrics["confusion_matrix"]) == 2:
         (tn, fp), (fn, tp) = metrics["confusion_matrix"]
         print(f"confusion_matrix: [[tn={tn}, fp={fp}], [fn={fn}, tp={tp}]]")

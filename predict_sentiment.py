@@ -145,7 +145,7 @@ def run_serve(config: dict) -> None:
     started = time.perf_counter()
     model, tokenizer, precision = load_for_inference(config)
     app = build_app(lambda texts: logits(model, tokenizer, texts, config["BATCH_SIZE"], precision),
-                    list(model.config.id2label.values()), config)
+                    list(model.config.id2label.values()), config, threshold_of(tokenizer))
     if not is_loopback(config["HOST"]) and not app.key:
         log.warning(f"warning: serving on {config['HOST']} without an API key: anyone who reaches this port can use "
                     f"it (set --api-key or SENTIMENT_API_KEY)")
@@ -310,7 +310,8 @@ def onnx_model(saved: dict, tokenizer_json: str, weights: str | bytes, threads: 
                             session_forward=forward)
     tokenizer = SimpleNamespace(backend_tokenizer=Tokenizer.from_str(tokenizer_json),
                                 model_max_length=saved["max_length"], model_input_names=saved["inputs"],
-                                init_kwargs={"review_truncation": saved["truncation"]},
+                                init_kwargs={"review_truncation": saved["truncation"],
+                                             "decision_threshold": saved.get("threshold")},
                                 pad_token_id=saved["pad_token_id"])  # what encode() and pad() read
     return model, tokenizer
 
@@ -353,9 +354,24 @@ def need_package(*modules: str, what: str = "the ONNX runtime", requirements: st
 
 def predict(model, tokenizer, texts: list[str], batch_size: int = 32, precision: str = "fp32"
             ) -> list[tuple[str, float]]:
-    """Classify texts: (label, probability) for each, in input order."""
+    """Classify texts: (label, probability of that label) for each, in input order, deciding as the model was saved
+    to (its THRESHOLD, or argmax)."""
     probabilities = softmax(logits(model, tokenizer, texts, batch_size, precision))
-    return [(model.config.id2label[int(i)], float(p[i])) for p, i in zip(probabilities, probabilities.argmax(-1))]
+    chosen = decide(probabilities, threshold_of(tokenizer))
+    return [(model.config.id2label[int(i)], float(p[i])) for p, i in zip(probabilities, chosen)]
+
+
+def decide(probabilities: np.ndarray, threshold: float | None) -> np.ndarray:
+    """The class of each row: with a threshold (two classes), the positive one (class 1) where its probability is
+    at least the threshold, else the other; without, the most probable."""
+    if threshold is None:
+        return probabilities.argmax(-1)
+    return (probabilities[:, 1] >= threshold).astype(np.int64)
+
+
+def threshold_of(tokenizer) -> float | None:
+    """The decision threshold saved with the model (training's THRESHOLD), or None for argmax."""
+    return tokenizer.init_kwargs.get("decision_threshold")
 
 
 def logits(model, tokenizer, texts: list[str], batch_size: int = 32, precision: str = "fp32",
@@ -945,12 +961,48 @@ class MicroBatcher:
         return batch
 
 
-def build_app(score, names: list[str], config: dict):
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Sentiment</title>
+<style>body{font:15px system-ui,sans-serif;max-width:640px;margin:2em auto;color:#222}textarea{width:100%;height:8em}
+.bar{background:#4a80c8;height:1.1em}.row{display:grid;grid-template-columns:7em 1fr 4em;gap:.5em;margin:.3em 0}
+#decision{font-size:1.4em;font-weight:600}#error{color:#b00}</style></head>
+<body><h1>Try the sentiment model</h1>
+<textarea id="text" placeholder="Type or paste a review"></textarea>
+<p><label>API key <input id="key" type="password" placeholder="if the server has one"></label>
+<button id="send">Classify</button></p>
+<p id="decision"></p><div id="scores"></div><p id="error"></p>
+<script>
+const $ = id => document.getElementById(id);
+$("key").value = sessionStorage.getItem("key") || "";
+$("send").onclick = async () => {
+  $("error").textContent = ""; $("decision").textContent = "..."; $("scores").replaceChildren();
+  const headers = {"Content-Type": "application/json"}, key = $("key").value.trim();
+  if (key) { headers.Authorization = "Bearer " + key; sessionStorage.setItem("key", key); }
+  const answer = await fetch("predict", {method: "POST", headers, body: JSON.stringify({texts: [$("text").value]})});
+  const body = await answer.json().catch(() => ({error: answer.statusText}));
+  if (!answer.ok) {
+    $("decision").textContent = ""; $("error").textContent = answer.status + ": " + body.error; return;
+  }
+  const found = body.predictions[0];
+  $("decision").textContent = found.label + " (" + found.score.toFixed(2) + ")";
+  for (const [label, p] of Object.entries(found.scores).sort((a, b) => b[1] - a[1])) {
+    const [row, name, track, bar, value] = ["div", "span", "div", "div", "span"].map(t => document.createElement(t));
+    row.className = "row"; row.dataset.label = label; name.textContent = label; value.textContent = p.toFixed(3);
+    bar.className = "bar"; bar.style.width = (100 * p).toFixed(1) + "%";
+    track.append(bar); row.append(name, track, value); $("scores").append(row);
+  }
+};
+</script></body></html>
+"""  # GET /: a page to try the model, self-contained, talking to /predict with JSON
+
+
+def build_app(score, names: list[str], config: dict, threshold: float | None = None):
     """A FastAPI app: POST /predict and POST / (the Hugging Face Inference format) score texts with score(texts) ->
-    logits, batched across concurrent requests by a MicroBatcher; GET /health answers during a long batch and says
-    when the queue is full; GET /metrics is Prometheus'. Guard checks the key and content type, and counts."""
+    logits, batched across concurrent requests by a MicroBatcher; /predict labels with the saved threshold; GET /
+    is a page to try the model; GET /health answers during a long batch and says when the queue is full; GET
+    /metrics is Prometheus'. Guard checks the key and content type, and counts."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     meters = server_meters()
@@ -971,8 +1023,8 @@ def build_app(score, names: list[str], config: dict):
 
     async def predict_route(request):  # plain Starlette routes: the request as it came, our own 4xx answers
         return await answer(request, "texts", lambda found, _: {"predictions": [
-            {"label": names[int(p.argmax())], "score": float(p.max()), "scores": dict(zip(names, map(float, p)))}
-            for p in softmax(found)]})
+            {"label": names[i], "score": float(p[i]), "scores": dict(zip(names, map(float, p)))}
+            for p, i in zip(softmax(found), decide(softmax(found), threshold))]})
 
     async def inference_route(request):  # what huggingface_hub's InferenceClient.text_classification sends
         return await answer(request, "inputs", lambda found, options: hf_classification(found, names, options))
@@ -983,6 +1035,10 @@ def build_app(score, names: list[str], config: dict):
         return JSONResponse({"status": "draining" if batcher.draining else "saturated" if full else "ok",
                              "runtime": config["RUNTIME"], "labels": names, "queued": batcher.queued,
                              "max_queue": config["MAX_QUEUE"]}, status_code=503 if full else 200)
+
+    @app.get("/")
+    async def page():
+        return HTMLResponse(PAGE)
 
     @app.get("/metrics")
     async def metrics():
@@ -1027,8 +1083,9 @@ def server_meters():
 
 
 class Guard:
-    """ASGI middleware in front of every route: with an API key, Bearer authentication (but /health); POSTs in the
-    content types a web page may send without a CORS preflight refused (415); every answer counted and timed."""
+    """ASGI middleware in front of every route: with an API key, Bearer authentication (but /health and the page at
+    GET /); POSTs in the content types a web page may send without a CORS preflight refused (415); every answer
+    counted and timed."""
 
     FORMS = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")
     ROUTES = ("/", "/predict", "/health", "/metrics")
@@ -1062,7 +1119,8 @@ class Guard:
         from starlette.responses import JSONResponse
 
         headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
-        if self.key and scope["path"] != "/health" and not hmac.compare_digest(
+        public = scope["path"] == "/health" or (scope["path"] == "/" and scope["method"] in ("GET", "HEAD"))
+        if self.key and not public and not hmac.compare_digest(
                 headers.get("authorization", b""), b"Bearer " + self.key):
             return JSONResponse({"error": "send the API key as 'Authorization: Bearer KEY'"}, status_code=401,
                                 headers={"WWW-Authenticate": "Bearer"})

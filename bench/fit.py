@@ -65,8 +65,8 @@ def weights(model, data) -> None:
 
 def calibration(model, data) -> None:
     """The recipe's test ECE and NLL before and after calibration, in domain and on joined-sentence paragraphs."""
+    import evaluation
     import predict_sentiment as pst
-    import fine_tune_sentiment as fts
 
     out = fresh("calibration")
     found = timed(command(model, data, out), out)
@@ -88,9 +88,9 @@ def calibration(model, data) -> None:
     labels = np.array(labels)
     t = c["temperature"]
     print(f"out of domain ({len(paragraphs)} paragraphs of 5 test sentences of one class): accuracy "
-          f"{np.mean(calibrated.argmax(-1) == labels):.4f}; ECE {fts.ece(calibrated * t, labels):.4f} -> "
-          f"{fts.ece(calibrated, labels):.4f}, NLL {fts.cross_entropy(calibrated * t, labels):.4f} -> "
-          f"{fts.cross_entropy(calibrated, labels):.4f}", flush=True)
+          f"{np.mean(calibrated.argmax(-1) == labels):.4f}; ECE {evaluation.ece(calibrated * t, labels):.4f} -> "
+          f"{evaluation.ece(calibrated, labels):.4f}, NLL {evaluation.cross_entropy(calibrated * t, labels):.4f} -> "
+          f"{evaluation.cross_entropy(calibrated, labels):.4f}", flush=True)
 
 
 def search(model, data, trials: int, rows: int) -> None:

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
+import evaluation
 import fine_tune_sentiment as fts
 from conftest import FILLER, NEGATIVE, POSITIVE
 from helpers import fails_with
@@ -128,7 +129,7 @@ def test_class_order(labels, names):
 def test_binary_metrics_keep_their_fields():
     labels, logits = [1, 1, 0, 0, 0], [[0, 1], [1, 0], [0, 1], [1, 0], [1, 0]]
     import numpy as np
-    metrics = fts.compute_metrics((np.array(logits), np.array(labels)))
+    metrics = evaluation.compute_metrics((np.array(logits), np.array(labels)))
     assert metrics == {"accuracy": 0.6, "f1": 0.5, "precision": 0.5, "recall": 0.5, "predicted_classes": 2}
     assert all(type(metrics[k]) is float for k in ("accuracy", "f1", "precision", "recall"))
 

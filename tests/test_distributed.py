@@ -53,7 +53,7 @@ def test_one_process_reports_and_saves(two_runs):
     assert err.count(f"Preset: {PRESET}") == 1 and err.count("trainable params:") == 1 and err.count("Done: ") == 1
     assert "Traceback" not in err
     folder = two_runs["root"] / "two"
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter", "metrics.json", "training.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter", "metrics.json", "report.html", "training.png"]
 
 
 def test_every_eval_row_counted_once(two_runs):

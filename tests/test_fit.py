@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+import evaluation
 import fine_tune_sentiment as fts
 import predict_sentiment as pst
 from conftest import make_reviews, precision_flags, sorted_by_label
@@ -66,9 +67,9 @@ def test_temperature_recovers_a_known_scale_and_ece_sees_overconfidence():
     logits = rng.normal(0, 2, size=(20000, 3))
     p = pst.softmax(logits)
     labels = np.array([rng.choice(3, p=row) for row in p])  # drawn from the probabilities: calibrated at T = 1
-    assert fts.fit_temperature(logits, labels) == pytest.approx(1.0, rel=0.05)
-    assert fts.fit_temperature(logits * 3, labels) == pytest.approx(3.0, rel=0.05)  # over-confident by 3x
-    assert fts.ece(logits, labels) < 0.02 < 0.1 < fts.ece(logits * 3, labels)
+    assert evaluation.fit_temperature(logits, labels) == pytest.approx(1.0, rel=0.05)
+    assert evaluation.fit_temperature(logits * 3, labels) == pytest.approx(3.0, rel=0.05)  # over-confident by 3x
+    assert evaluation.ece(logits, labels) < 0.02 < 0.1 < evaluation.ece(logits * 3, labels)
 
 
 def test_calibration_is_fitted_on_validation_and_saved_in_the_head(trained, imdb_folder, tmp_path):

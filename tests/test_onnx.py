@@ -45,8 +45,8 @@ def test_onnx_logits_equal_torch_fp32_on_short_and_long_reviews(exported):
 def test_int8_agrees_with_fp32(exported, imdb_folder, runtime):
     pytest.importorskip(pst.EXPORTED[runtime][1])
     texts = list(pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*"))).text) + [LONG]
-    full = fts.softmax(fts.logits(*pst.load_onnx(exported / "onnx", int8=False), texts))[:, 1]
-    small = fts.softmax(fts.logits(*pst.load_exported(exported / "onnx", runtime), texts))[:, 1]
+    full = pst.softmax(fts.logits(*pst.load_onnx(exported / "onnx", int8=False), texts))[:, 1]
+    small = pst.softmax(fts.logits(*pst.load_exported(exported / "onnx", runtime), texts))[:, 1]
     # int8 moved this model's probabilities by up to 0.18 (AMX, bf16 fixture), static as dynamic
     assert np.abs(full - small).max() <= INT8_PROBABILITY_GAP
     clear = np.abs(full - 0.5) > INT8_PROBABILITY_GAP  # only a near-tie may change its label
@@ -65,7 +65,7 @@ def test_an_int8_score_does_not_depend_on_the_batch(exported, imdb_folder, runti
     # the 2 lines above pad each row beside up to 6 others, ranked by length: under dynamic int8 (each batch its
     # own activation range) logits moved by 0.1-0.2 between such arrangements
     for batched in (fts.logits(model, tokenizer, texts, batch_size=50), shuffled):
-        assert np.abs(fts.softmax(batched) - fts.softmax(alone)).max() <= INT8_BATCH_GAP
+        assert np.abs(pst.softmax(batched) - pst.softmax(alone)).max() <= INT8_BATCH_GAP
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "onnx-int8", "openvino"])
@@ -134,7 +134,7 @@ def test_the_readme_deploy_snippet_runs(exported):
     assert result.returncode == 0, result.stderr
     printed, labelled = map(ast.literal_eval, result.stdout.splitlines())
     model, tokenizer = pst.load_onnx(exported / "onnx", int8=True)
-    ours = fts.softmax(fts.logits(model, tokenizer, reviews))[:, 1]
+    ours = pst.softmax(fts.logits(model, tokenizer, reviews))[:, 1]
     assert printed == pytest.approx(ours.tolist(), abs=1e-5)  # the same cut; batches padded alike
     assert [label for label, _ in labelled] == [label for label, _ in fts.predict(model, tokenizer, reviews)]
 

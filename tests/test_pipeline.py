@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import conftest
+import evaluation
 import fine_tune_sentiment as fts
 import predict_sentiment as pst
 from conftest import DEVICE, PRESET, PROBES, make_reviews, precision_flags
@@ -283,13 +284,13 @@ def test_metrics_match_scikit_learn(classes):
     rng = np.random.default_rng(classes)
     labels, logits = rng.integers(0, classes, 300), rng.normal(size=(300, classes))
     logits[:, classes - 1] += 0.5  # unbalanced guesses, so macro and micro averages differ
-    ours = fts.metrics_from(logits, labels, [str(i) for i in range(classes)])
+    ours = evaluation.metrics_from(logits, labels, [str(i) for i in range(classes)])
     guesses, average = logits.argmax(-1), "binary" if classes == 2 else "macro"
     assert ours["eval_accuracy"] == pytest.approx(sklearn.accuracy_score(labels, guesses), abs=1e-4)
     assert ours["eval_f1"] == pytest.approx(sklearn.f1_score(labels, guesses, average=average), abs=1e-4)
     assert ours["eval_precision"] == pytest.approx(sklearn.precision_score(labels, guesses, average=average), abs=1e-4)
     assert ours["eval_recall"] == pytest.approx(sklearn.recall_score(labels, guesses, average=average), abs=1e-4)
-    assert ours["eval_loss"] == pytest.approx(sklearn.log_loss(labels, fts.softmax(logits)), abs=1e-4)
+    assert ours["eval_loss"] == pytest.approx(sklearn.log_loss(labels, pst.softmax(logits)), abs=1e-4)
     assert ours["confusion_matrix"] == sklearn.confusion_matrix(labels, guesses).tolist()
     if classes > 2:
         per_class = sklearn.f1_score(labels, guesses, average=None)
@@ -313,13 +314,13 @@ def test_normal_run_shows_preset_params_and_summary(run_args, capfd):
     assert re.search(r"^trainable params: [\d,]+ of [\d,]+ \(\d+\.\d\d%\)$", err, re.M)
     summary = err.strip().splitlines()[-1]
     assert re.fullmatch(r"Done: accuracy \d\.\d{4}, F1 \d\.\d{4}, trained in \d+s \| adapter: \S+ \| "
-                        r"metrics: \S+metrics\.json \| plot: \S+training\.png", summary)
+                        r"metrics: \S+metrics\.json \| report: \S+report\.html \| plot: \S+training\.png", summary)
 
 
 def test_metrics_on_a_hand_counted_case():
     labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
     logits = np.array([[0, 1]] * 3 + [[1, 0]] + [[0, 1]] * 2 + [[1, 0]] * 4)  # tp 3, fn 1, fp 2, tn 4
-    metrics = fts.compute_metrics((logits, labels))
-    assert fts.confusion_matrix(labels, logits.argmax(-1)) == [[4, 2], [1, 3]]
+    metrics = evaluation.compute_metrics((logits, labels))
+    assert evaluation.confusion_matrix(labels, logits.argmax(-1)) == [[4, 2], [1, 3]]
     assert metrics["accuracy"] == pytest.approx(0.7) and metrics["precision"] == pytest.approx(3 / 5)
     assert metrics["recall"] == pytest.approx(3 / 4) and metrics["f1"] == pytest.approx(2 / 3)

@@ -3,7 +3,6 @@
 import json
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -17,41 +16,13 @@ import pytest
 
 import predict_sentiment as pst
 from conftest import make_reviews
+from helpers import free_port, server_process
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 ROOT = Path(pst.__file__).parent
 LONG = "the movie was great " + "the plot and the acting " * 20 + "awful , the worst"  # longer than 32 tokens
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def server_process(script: str, exported: Path, *flags: str):
-    """Start `python script --serve` on a free loopback port; yield (url, process) once /health answers."""
-    port = free_port()
-    process = subprocess.Popen([sys.executable, script, "--output-dir", str(exported), "--serve", "--port", str(port),
-                                *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-    try:
-        while True:
-            assert process.poll() is None, process.communicate()[1]
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not come up in 60 s"
-                time.sleep(0.1)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-        process.communicate(timeout=30)
 
 
 @pytest.fixture(scope="module")
