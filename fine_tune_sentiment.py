@@ -57,7 +57,8 @@ LABEL_COLUMN: str = "label"  # column holding the classes: 0/1, neg/pos, negativ
 TRAIN_SAMPLES: int | None = None  # training rows, drawn after a seeded shuffle (IMDB is sorted by label)
 EVAL_SAMPLES: int | None = None  # evaluation rows from the test split, drawn the same way
 MAX_LENGTH: int | None = None  # tokens per review, clamped to the model's limit; longer ones are cut (TRUNCATION)
-TRUNCATION: str = "head+tail"  # head+tail keeps a long review's first quarter and last three quarters; or head
+TRUNCATION: str = "head+tail"  # a long review: head+tail keeps its first quarter and last three quarters; head; or
+STRIDE: int = 0  # window: it is read as overlapping windows this many tokens apart (0: half a window), logits averaged
 # training
 EPOCHS: int | None = None  # passes over the training rows; with 2+ the best epoch (by validation accuracy) is kept
 BATCH_SIZE: int | None = None  # training examples per step; evaluation uses twice as many
@@ -110,7 +111,7 @@ SENTIMENT_NAMES = {"neg": "negative", "negative": "negative", "neu": "neutral", 
                    "pos": "positive", "positive": "positive"}  # string labels read as these, case-insensitively
 SENTIMENT_ORDER = ["negative", "neutral", "positive"]  # their class order; other names follow, sorted
 MAX_CLASSES = 100  # more is probably the wrong column
-CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "TRUNCATION": ("head+tail", "head"),  # one of a few words
+CHOICES = {"PRECISION": ("auto", "fp32", "bf16", "fp16"), "TRUNCATION": ("head+tail", "head", "window"),  # words
            "SCHEDULER": ("linear", "cosine"), "CLASS_WEIGHTS": ("none", "balanced"),
            "LORA_VARIANT": ("lora", "rslora", "dora"), "RUNTIME": ("torch", "onnx", "onnx-int8", "openvino")}
 TRACKER_PACKAGES = {"comet_ml": ("comet_ml", "comet-ml"), "azure_ml": ("azureml", "azureml-core")}  # else name, name
@@ -160,7 +161,7 @@ def prepare(config: dict, args: argparse.Namespace, state, epochs: int | None = 
         try:
             run.model_config = AutoConfig.from_pretrained(run.model_name)
             tokenizer = load_tokenizer(run.model_name, config["MAX_LENGTH"], getattr(
-                run.model_config, "max_position_embeddings", None), config["TRUNCATION"])
+                run.model_config, "max_position_embeddings", None), config["TRUNCATION"], config["STRIDE"])
         except OSError as error:  # not found, offline and not cached
             raise InputError(f"could not load model {config['MODEL_NAME']!r}: {one_line(error)}") from error
         data = tokenize(data, tokenizer)  # once; batches are padded later
@@ -415,7 +416,8 @@ def subsample(data: Dataset, n: int, seed: int, split: str) -> Dataset:
 # 2. Tokenize ------------------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(model_name: str, max_length: int, model_limit: int | None, truncation: str = "head"):
+def load_tokenizer(model_name: str, max_length: int, model_limit: int | None, truncation: str = "head",
+                   stride: int = 0):
     """Load the tokenizer, clamp MAX_LENGTH to what the model and tokenizer can take, and set how reviews are cut."""
     from transformers import AutoTokenizer
 
@@ -430,18 +432,26 @@ def load_tokenizer(model_name: str, max_length: int, model_limit: int | None, tr
                          f"tokens to each; use at least {specials + 1} (64 or more is useful)")
     tokenizer.model_max_length = limit  # both saved with the adapter, so --predict cuts reviews the same way
     tokenizer.init_kwargs["review_truncation"] = truncation
+    tokenizer.init_kwargs["review_stride"] = stride if truncation == "window" and stride else None
     return tokenizer
 
 
 def tokenize(data: DatasetDict, tokenizer) -> DatasetDict:
-    """Tokenize every split once; padding happens per batch in the collator."""
-    def encode_batch(batch):
+    """Tokenize every split once; padding happens per batch in the collator. A row's review is its index in the
+    split: with TRUNCATION=window a long review gives several rows (its label on each), averaged when scored."""
+    def encode_batch(batch, indices):
         encoded = encode(tokenizer, batch["text"])
-        encoded["length"] = [len(ids) for ids in encoded["input_ids"]]  # for length-grouped batches
-        return encoded
+        owner = encoded.pop("owner", range(len(indices)))
+        return encoded | {"labels": [batch["labels"][o] for o in owner], "review": [indices[o] for o in owner],
+                          "text": [batch["text"][o] for o in owner],  # the report quotes the test split's mistakes
+                          "length": [len(ids) for ids in encoded["input_ids"]]}  # for length-grouped batches
 
-    tokenized = data.map(encode_batch, batched=True, remove_columns=["text"], desc="Tokenizing")
-    tokenized["test"] = tokenized["test"].add_column("text", data["test"]["text"])  # the report quotes mistakes
+    columns = next(iter(data.values())).column_names
+    tokenized = data.map(encode_batch, batched=True, with_indices=True, remove_columns=columns, desc="Tokenizing")
+    tokenized = tokenized.cast_column("labels", next(iter(data.values())).features["labels"])
+    for split in tokenized:
+        if split != "test":
+            tokenized[split] = tokenized[split].remove_columns("text")
     return tokenized
 
 # 3. The model: a pretrained encoder, a head for the classes, LoRA around it ------------------------------------
@@ -670,51 +680,78 @@ def weighted_loss(weights: list[float]):
 # 5. Evaluate ------------------------------------------------------------------------------------------------------
 
 
-def evaluate(trainer, data: DatasetDict, config: dict) -> tuple[dict, Scored]:
+def evaluate(trainer, data: DatasetDict, config: dict) -> tuple[dict, Reviews]:
     """Score the test split once: loss, accuracy, F1, precision, recall, confusion matrix; with CALIBRATE, after the
     temperature was fitted on validation and folded into the head, so test sees the model as it is saved; labelled
     with THRESHOLD, chosen after calibration (and at argmax too)."""
     model = trainer.model  # the peft model (trainer.model_wrapped is the DDP one)
     found = calibrate(model, trainer, data) if config["CALIBRATE"] else Calibration("off")
     threshold, choice = tune_threshold(config["THRESHOLD"], trainer, data, found)
-    test_rows = data["test"].sort("length")  # sorted by length: less padding
-    test = trainer.predict(test_rows, metric_key_prefix="eval")
-    speed = {k: round(v, 4) for k, v in test.metrics.items() if k.endswith(("_runtime", "_per_second"))}
+    test = score_reviews(trainer, data["test"], "eval")
     report = found.status
     if found.status == "calibrated":
-        report = calibration_report(found.temperature, found.held.predictions, found.held.label_ids,
-                                    test.predictions, test.label_ids)
-        log.info(f"Calibrated on {len(found.held.label_ids)} validation rows: temperature {found.temperature:.3f};"
-                 f" test ECE {report['test_ece_before']:.4f} -> {report['test_ece_after']:.4f} (90% "
+        report = calibration_report(found.temperature, *found.held, test.logits, test.labels)
+        log.info(f"Calibrated on {len(found.held[1])} validation reviews: temperature {found.temperature:.3f}; test "
+                 f"ECE {report['test_ece_before']:.4f} -> {report['test_ece_after']:.4f} (90% "
                  f"{report['test_ece_after_90'][0]:.4f}-{report['test_ece_after_90'][1]:.4f}), NLL "
                  f"{report['test_nll_before']:.4f} -> {report['test_nll_after']:.4f}")
-    names = list(model.config.id2label.values())
-    metrics = metrics_from(test.predictions, test.label_ids, names, threshold) | speed | {
-        "calibration": report, "threshold_choice": choice}
-    return metrics, Scored(test.predictions, test.label_ids, test_rows["text"], threshold, found.temperature)
+    test.threshold, test.temperature = threshold, found.temperature
+    metrics = metrics_from(test.logits, test.labels, list(model.config.id2label.values()), threshold)
+    return metrics | test.speed | {"calibration": report, "threshold_choice": choice}, test
 
 
 @dataclass
-class Scored:
-    """The test split as the saved model scored it, for the report: logits, labels, texts, decision threshold (None:
-    argmax) and the temperature calibration folded in (1.0: none)."""
+class Reviews:
+    """A split as the model scored it, a row per review (its windows' logits averaged): logits, labels, texts, the
+    Trainer's speed figures; for the report, the decision threshold (None: argmax) and the temperature folded in."""
     logits: np.ndarray
     labels: np.ndarray
-    texts: list[str]
-    threshold: float | None
-    temperature: float
+    texts: list[str] | None
+    speed: dict
+    threshold: float | None = None
+    temperature: float = 1.0
+
+
+def score_reviews(trainer, split: Dataset, prefix: str) -> Reviews:
+    """The Trainer's logits for a split (run sorted by length: less padding), a row per review, in split order."""
+    rows = split.sort("length")
+    strategy, trainer.args.train_sampling_strategy = trainer.args.train_sampling_strategy, "sequential"
+    try:  # group_by_length would shuffle evaluation too: in order, each output row is known to be its review's
+        found = trainer.predict(rows, metric_key_prefix=prefix)
+    finally:
+        trainer.args.train_sampling_strategy = strategy
+    review, count = np.array(rows["review"]), reviews(rows)
+    logits = np.zeros((count, found.predictions.shape[1]))
+    np.add.at(logits, review, found.predictions)
+    labels = np.zeros(count, dtype=np.int64)
+    labels[review] = found.label_ids
+    texts = None
+    if "text" in rows.column_names:
+        texts = [""] * count
+        for i, text in zip(review, rows["text"]):
+            texts[i] = text
+    speed = {k: round(v, 4) for k, v in found.metrics.items() if k.endswith(("_runtime", "_per_second"))}
+    return Reviews(logits / np.bincount(review, minlength=count)[:, None], labels, texts, speed)
+
+
+def reviews(split: Dataset) -> int:
+    """How many reviews a tokenized split holds (with TRUNCATION=window, fewer than its rows)."""
+    return int(max(split["review"])) + 1 if len(split) else 0
 
 
 def tune_threshold(spec: str, trainer, data: DatasetDict, found: Calibration) -> tuple[float | None, dict]:
     """THRESHOLD's value: fixed, or tuned on the validation split's calibrated probabilities."""
     if parse_threshold(spec)[0] in ("argmax", "fixed"):
         return choose_threshold(spec, None, None)
-    held = found.held or trainer.predict(data["validation"].sort("length"), metric_key_prefix="validation")
-    threshold, choice = choose_threshold(spec, held.predictions / found.temperature, held.label_ids)
+    held = found.held
+    if held is None:  # not calibrated: score validation now
+        scored = score_reviews(trainer, data["validation"], "validation")
+        held = scored.logits, scored.labels
+    threshold, choice = choose_threshold(spec, held[0] / found.temperature, held[1])
     if "status" in choice:
         log.warning(f"warning: THRESHOLD {spec}: {choice['status']}")
     else:
-        log.info(f"Threshold {threshold:.4f} ({spec}, on {len(held.label_ids)} validation rows: "
+        log.info(f"Threshold {threshold:.4f} ({spec}, on {len(held[1])} validation reviews: "
                  + ", ".join(f"{k} {v:.4f}" for k, v in choice["validation"].items()) + ")")
     return threshold, choice
 
@@ -722,10 +759,10 @@ def tune_threshold(spec: str, trainer, data: DatasetDict, found: Calibration) ->
 @dataclass
 class Calibration:
     """What calibrate() did: status 'calibrated', 'off' or 'skipped: <why>'; the temperature it folded into the
-    head; the validation split's predictions, made before."""
+    head; the validation split's (logits, labels), scored before."""
     status: str
     temperature: float = 1.0
-    held: object = None  # the Trainer's PredictionOutput
+    held: tuple | None = None
 
 
 def calibrate(model, trainer, data: DatasetDict) -> Calibration:
@@ -734,10 +771,10 @@ def calibrate(model, trainer, data: DatasetDict) -> Calibration:
     if "validation" not in data:
         log.info("Calibration skipped: no validation split (one epoch, or VALIDATION=0)")
         return Calibration("skipped: no validation split (one epoch, or VALIDATION=0)")
-    held = trainer.predict(data["validation"].sort("length"), metric_key_prefix="validation")
-    temperature = fit_temperature(held.predictions, held.label_ids)
+    held = score_reviews(trainer, data["validation"], "validation")
+    temperature = fit_temperature(held.logits, held.labels)
     scale_classifier(model, 1 / temperature)
-    return Calibration("calibrated", temperature, held)
+    return Calibration("calibrated", temperature, (held.logits, held.labels))
 
 
 def scale_classifier(model, factor: float) -> None:
@@ -757,7 +794,8 @@ def scale_classifier(model, factor: float) -> None:
 def describe(run: Run, model, data: DatasetDict, trainer, train_metrics: dict) -> dict:
     """What metrics.json records about the run besides the scores: sizes, speed, hardware, settings."""
     trainable, total = model.get_nb_trainable_parameters()
-    return {"train_samples": len(data["train"]), "eval_samples": len(data["test"]),
+    return {"train_samples": reviews(data["train"]), "eval_samples": reviews(data["test"]),
+            "train_windows": len(data["train"]),  # TRUNCATION=window: the rows trained on; else = train_samples
             "train_seconds": round(train_metrics["train_runtime"], 1),
             "train_samples_per_second": round(train_metrics["train_samples_per_second"], 2),  # totals over processes
             "trainable_params": trainable, "total_params": total, "device": run.device, "preset": run.preset,
@@ -776,14 +814,14 @@ def selection(state, data: DatasetDict) -> dict:
         return {}
     steps_per_epoch = state.max_steps / state.num_train_epochs
     return {"selected_on": "validation" if "validation" in data else "test",
-            "validation_samples": len(data["validation"]) if "validation" in data else 0,
+            "validation_samples": reviews(data["validation"]) if "validation" in data else 0,
             "accuracy_per_epoch": accuracies, "best_epoch": round(state.best_global_step / steps_per_epoch)}
 
 
 # 7. Save ----------------------------------------------------------------------------------------------------------
 
 
-def save_outputs(model, tokenizer, metrics: dict, state, output_dir: Path, merge: bool, scored: Scored) -> dict:
+def save_outputs(model, tokenizer, metrics: dict, state, output_dir: Path, merge: bool, scored: Reviews) -> dict:
     """Write adapter/, metrics.json, report.html, training.png (and merged/), so an earlier run's files survive a
     crash."""
     paths = {"adapter": output_dir / "adapter", "metrics": output_dir / "metrics.json",
@@ -1091,7 +1129,7 @@ def export_onnx(model, tokenizer, folder: Path, calibration: list[str]) -> None:
     write_json(folder / "config.json", {
         "id2label": model.config.id2label, "max_length": tokenizer.model_max_length, "inputs": inputs,
         "truncation": tokenizer.init_kwargs.get("review_truncation", "head"), "pad_token_id": tokenizer.pad_token_id,
-        "threshold": threshold_of(tokenizer),
+        "threshold": threshold_of(tokenizer), "stride": tokenizer.init_kwargs.get("review_stride"),
         "base_model": model.config.name_or_path, "int8": f"static, calibrated on {len(calibration)} training reviews",
         "date": time.strftime("%Y-%m-%d")})
 

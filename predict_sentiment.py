@@ -67,6 +67,7 @@ PREDICT_FILE_TYPES = (".csv", ".tsv", ".jsonl", ".json", ".parquet", ".txt")  # 
 PREDICTIONS_FILE_TYPES = (".csv", ".jsonl", ".parquet")  # and writes these
 OUTPUT_TYPE = {".tsv": ".csv", ".txt": ".csv", ".json": ".jsonl"}  # in a folder, files of these types become these
 CHUNK_ROWS = 10_000  # --predict-file reads, scores and writes this many rows at a time
+MAX_WINDOWS = 16  # TRUNCATION=window: a review is read as at most this many windows, spread over it
 CHARS_PER_TOKEN = 32  # reviews are cut to this many characters a token of MAX_LENGTH before tokenizing: generous
 DELIMITER = {".csv": ",", ".tsv": "\t"}
 log = logging.getLogger("sentiment")
@@ -311,6 +312,7 @@ def onnx_model(saved: dict, tokenizer_json: str, weights: str | bytes, threads: 
     tokenizer = SimpleNamespace(backend_tokenizer=Tokenizer.from_str(tokenizer_json),
                                 model_max_length=saved["max_length"], model_input_names=saved["inputs"],
                                 init_kwargs={"review_truncation": saved["truncation"],
+                                             "review_stride": saved.get("stride"),
                                              "decision_threshold": saved.get("threshold")},
                                 pad_token_id=saved["pad_token_id"])  # what encode() and pad() read
     return model, tokenizer
@@ -376,54 +378,80 @@ def threshold_of(tokenizer) -> float | None:
 
 def logits(model, tokenizer, texts: list[str], batch_size: int = 32, precision: str = "fp32",
            progress: bool = False) -> np.ndarray:
-    """The model's logits for texts, returned in input order. Tokenized a span of 16 batches at a time (memory
-    stays flat), each span run in batches of similar token counts, longest first: sorting by characters instead
-    wasted 40% of the tokens run on padding (Rotten Tomatoes sentences, batches of 64)."""
+    """The model's logits for texts, returned in input order (a review cut into windows: their mean). Tokenized a
+    span of 16 batches at a time (memory stays flat), each span run in batches of similar token counts, longest
+    first: sorting by characters instead wasted 40% of the tokens run on padding (Rotten Tomatoes sentences)."""
     forward = model.session_forward if hasattr(model, "session_forward") else torch_forward(model, precision)
     texts = list(texts)  # a datasets column, a pandas series
     found = np.zeros((len(texts), len(model.config.id2label)), dtype=np.float32)
-    spans = range(0, len(texts), 16 * batch_size)
     bar = progress_bar(total=len(texts), unit=" texts") if progress else None
-    for span in spans:
-        encoded = encode(tokenizer, list(texts[span:span + 16 * batch_size]))
-        order = sorted(range(len(encoded["input_ids"])), key=lambda i: -len(encoded["input_ids"][i]))
+    for span in range(0, len(texts), 16 * batch_size):
+        chunk = texts[span:span + 16 * batch_size]
+        encoded = encode(tokenizer, chunk)
+        owner = np.array(encoded.pop("owner", range(len(chunk))))
+        rows = np.zeros((len(owner), found.shape[1]), dtype=np.float32)
+        order = sorted(range(len(owner)), key=lambda i: -len(encoded["input_ids"][i]))
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            batch = pad({key: [ids[i] for i in rows] for key, ids in encoded.items()}, tokenizer.pad_token_id)
-            found[[span + i for i in rows]] = forward(batch)
-            if bar is not None:
-                bar.update(len(rows))
+            chosen = order[start:start + batch_size]
+            rows[chosen] = forward(pad({key: [ids[i] for i in chosen] for key, ids in encoded.items()},
+                                       tokenizer.pad_token_id))
+        sums = np.zeros((len(chunk), found.shape[1]), dtype=np.float32)
+        np.add.at(sums, owner, rows)
+        found[span:span + len(chunk)] = sums / np.bincount(owner, minlength=len(chunk))[:, None]
+        if bar is not None:
+            bar.update(len(chunk))
     if bar is not None:
         bar.close()
     return found
 
 
 def encode(tokenizer, texts: list[str]) -> dict:
-    """Tokenize once, without padding, and cut reviews longer than model_max_length as TRUNCATION says."""
+    """Tokenize once, without padding, and cut reviews longer than model_max_length as TRUNCATION says: head,
+    head+tail, or window (overlapping windows, review_stride tokens apart, at most MAX_WINDOWS spread over the
+    review; then "owner" gives the text each row is of)."""
     backend = tokenizer.backend_tokenizer  # the tokenizers library itself: the same cut with or without transformers
     backend.no_truncation()  # a call of the tokenizer may have left its own settings behind
     backend.no_padding()
-    limit, both_ends = tokenizer.model_max_length, tokenizer.init_kwargs.get("review_truncation", "head") == "head+tail"
-    chars = CHARS_PER_TOKEN * limit  # cut first, in characters: a 1 MB review costs what a long one does
-    rows = backend.encode_batch([t if len(t) <= 2 * chars else t[:chars] + " " + t[-chars:] if both_ends else
-                                 t[:chars] for t in texts])
+    limit, cut = tokenizer.model_max_length, tokenizer.init_kwargs.get("review_truncation", "head")
+    chars = CHARS_PER_TOKEN * limit * (MAX_WINDOWS // 2 if cut == "window" else 1)  # cut first, in characters:
+    rows = backend.encode_batch([t if len(t) <= 2 * chars else t[:chars] + " " + t[-chars:] if cut != "head" else
+                                 t[:chars] for t in texts])  # a 1 MB review costs what a long one does
     word, with_specials = backend.encode("a", add_special_tokens=False).ids, backend.encode("a").ids
     before = with_specials.index(word[0])  # [CLS] and the like
     after = len(with_specials) - before - len(word)  # [SEP] and the like
     budget = limit - before - after
-    head = budget // 4 if both_ends else budget
+    fields = {key: field for key, field in (("input_ids", "ids"), ("attention_mask", "attention_mask"),
+                                            ("token_type_ids", "type_ids")) if key in tokenizer.model_input_names}
+    if cut == "window":
+        stride = min(budget, tokenizer.init_kwargs.get("review_stride") or max(1, budget // 2))
+        spans = [(owner, span) for owner, row in enumerate(rows)
+                 for span in windows(len(row.ids) - before - after, budget, stride)]
+        piece = lambda ids, start, end: ids[:before] + ids[before + start:before + end] + ids[len(ids) - after:]  # noqa
+        return {key: [piece(getattr(rows[owner], field), *span) for owner, span in spans]
+                for key, field in fields.items()} | {"owner": [owner for owner, _ in spans]}
+    head = budget // 4 if cut == "head+tail" else budget
     tail = budget - head  # Sun et al. 2019: the head and the tail keep IMDB's verdict best
-    fields = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
     return {key: [ids if len(ids) <= limit else ids[:before + head] + ids[len(ids) - tail - after:]
                   for ids in (getattr(row, field) for row in rows)]
-            for key, field in fields.items() if key in tokenizer.model_input_names}
+            for key, field in fields.items()}
+
+
+def windows(length: int, size: int, stride: int) -> list[tuple[int, int]]:
+    """(start, end) of windows over length tokens: size long, stride apart, the last one ending at the end; at most
+    MAX_WINDOWS of them, spread evenly over the review (a batch never holds more than BATCH_SIZE rows anyway)."""
+    if length <= size:
+        return [(0, length)]
+    starts = list(range(0, length - size, stride)) + [length - size]
+    if len(starts) > MAX_WINDOWS:
+        starts = [starts[round(i)] for i in np.linspace(0, len(starts) - 1, MAX_WINDOWS)]
+    return [(start, start + size) for start in starts]
 
 
 def pad(encoded: dict, pad_id: int) -> dict[str, np.ndarray]:
     """Right-pad a batch of token lists to its longest row: int64 arrays, ids with pad_id, mask and types with 0."""
     width = max(map(len, encoded["input_ids"]))
     return {key: np.array([row + [pad_id if key == "input_ids" else 0] * (width - len(row)) for row in rows],
-                          dtype=np.int64) for key, rows in encoded.items()}
+                          dtype=np.int64) for key, rows in encoded.items() if key != "owner"}
 
 
 def torch_forward(model, precision: str):

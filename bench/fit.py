@@ -8,7 +8,14 @@ recipe (all-linear LoRA, r8/a16, lr 1e-3, 2 epochs, 128 tokens, batch 32), each 
 - `calibration`: the recipe on the whole split: test ECE (15 bins) and NLL before and after the temperature, and the
   same out of domain: "reviews" of another kind, five test sentences of one class joined into one paragraph
   (the saved model is calibrated; its logits times the temperature are the uncalibrated model's);
-- `search`: --search N against the recipe: validation and test accuracy, and time.
+- `search`: --search N against the recipe: validation and test accuracy, and time;
+- `thresholds`: on the `weights` split, THRESHOLD argmax against f1, with CLASS_WEIGHTS none and balanced: macro F1
+  and negative recall on the balanced test sentences (one run gives both: metrics.json has argmax's beside);
+- `windows`: long reviews (4 training or test sentences of one class joined) at 32 tokens, so most overflow:
+  TRUNCATION=window against head+tail, accuracy and --predict-file rows/s (torch fp32, one process);
+- `calibrators`: the recipe's test ECE with its bootstrap 90% interval, for temperature scaling (shipped), a
+  two-parameter Platt fit on the logit difference, and both fitted on twice the held-out rows (validation plus
+  half of test, scored on the other half, both ways).
 
     python bench/fit.py weights calibration
     python bench/fit.py search --trials 8 --train-samples 3000
@@ -44,8 +51,8 @@ def fresh(name: str):
     return out
 
 
-def weights(model, data) -> None:
-    """CLASS_WEIGHTS none against balanced on training sentences that are 10% negative."""
+def skewed_split(data):
+    """The training sentences with negatives cut to 10% of the rows; the balanced test sentences."""
     train, test = pd.read_parquet(data / "train.parquet"), pd.read_parquet(data / "test.parquet")
     positives = train[train.label == 1]
     negatives = train[train.label == 0].sample(n=len(positives) // 9, random_state=1)  # 10% of the rows
@@ -54,13 +61,127 @@ def weights(model, data) -> None:
     pd.concat([positives, negatives]).to_parquet(skewed / "train.parquet", index=False)
     test.to_parquet(skewed / "test.parquet", index=False)
     print(f"skewed training split: {len(positives)} positive, {len(negatives)} negative; test {len(test)} balanced")
+    return skewed
+
+
+def macro_f1(matrix) -> float:
+    matrix = np.array(matrix)
+    return float(np.mean([2 * matrix[k, k] / (matrix[k].sum() + matrix[:, k].sum()) for k in range(len(matrix))]))
+
+
+def weights(model, data) -> None:
+    """CLASS_WEIGHTS none against balanced on training sentences that are 10% negative."""
+    skewed = skewed_split(data)
     for mode in ("none", "balanced"):
         out = fresh(f"weights-{mode}")
         found = timed(command(model, skewed, out, "--class-weights", mode), out)
-        matrix = np.array(found["confusion_matrix"])
-        macro_f1 = np.mean([2 * matrix[k, k] / (matrix[k].sum() + matrix[:, k].sum()) for k in range(2)])
-        print(f"| {mode} | {found['eval_accuracy']:.4f} | {macro_f1:.4f} | {found['per_class_recall']['NEGATIVE']:.4f} "
+        print(f"| {mode} | {found['eval_accuracy']:.4f} | {macro_f1(found['confusion_matrix']):.4f} | {found['per_class_recall']['NEGATIVE']:.4f} "
               f"| {found['per_class_recall']['POSITIVE']:.4f} | {found['train_seconds']:.0f} |", flush=True)
+
+
+def thresholds(model, data) -> None:
+    """THRESHOLD argmax and f1, CLASS_WEIGHTS none and balanced, on the skewed split: macro F1, negative recall."""
+    skewed = skewed_split(data)
+    for mode in ("none", "balanced"):
+        out = fresh(f"thresholds-{mode}")
+        found = timed(command(model, skewed, out, "--class-weights", mode, "--threshold", "f1"), out)
+        for name, at in (("argmax", found["argmax"]), (f"f1 (t = {found['threshold']:.3f})", found)):
+            print(f"| {mode} | {name} | {at['eval_accuracy']:.4f} | {macro_f1(at['confusion_matrix']):.4f} | "
+                  f"{at['per_class_recall']['NEGATIVE']:.4f} | {at['per_class_recall']['POSITIVE']:.4f} |", flush=True)
+
+
+def paragraphs(frame: pd.DataFrame, size: int, seed: int) -> pd.DataFrame:
+    """Reviews made of size sentences of one class, joined (each sentence used once)."""
+    rng, rows = np.random.default_rng(seed), []
+    for label in (0, 1):
+        texts = list(frame[frame.label == label].text)
+        rng.shuffle(texts)
+        rows += [(" ".join(texts[i:i + size]), label) for i in range(0, len(texts) - size + 1, size)]
+    return pd.DataFrame(rows, columns=["text", "label"]).sample(frac=1, random_state=seed)
+
+
+def windows(model, data) -> None:
+    """TRUNCATION=window against head+tail on 4-sentence reviews cut at 32 tokens: accuracy and rows/s."""
+    import subprocess
+
+    long = WORK / "fit" / "long-data"
+    long.mkdir(parents=True, exist_ok=True)
+    paragraphs(pd.read_parquet(data / "train.parquet"), 4, 1).to_parquet(long / "train.parquet", index=False)
+    test = paragraphs(pd.read_parquet(data / "test.parquet"), 4, 2)
+    test.to_parquet(long / "test.parquet", index=False)
+    for mode in ("head+tail", "window"):
+        out = fresh(f"windows-{mode}")
+        found = timed(command(model, long, out, "--truncation", mode, "--max-length", "32"), out)
+        scored = out / "scored.csv"
+        test[["text"]].to_csv(out / "test.csv", index=False)
+        started = time.perf_counter()
+        run = [sys.executable, "predict_sentiment.py", "--output-dir", str(out), "--predict-file",
+               str(out / "test.csv"), "--predictions", str(scored), "--precision", "fp32", "--quiet"]
+        subprocess.run(run, cwd=ROOT, check=True)
+        seconds = time.perf_counter() - started
+        print(f"| {mode} | {found['eval_accuracy']:.4f} | {found['train_windows']} | {found['train_seconds']:.0f} | "
+              f"{len(test) / seconds:.1f} |", flush=True)
+
+
+def calibrators(model, data) -> None:
+    """Test ECE (90% bootstrap interval) of temperature scaling and a Platt fit, on the held-out rows training had
+    and on twice as many (validation plus half of test, both ways)."""
+    import evaluation
+    import fine_tune_sentiment as fts
+    import predict_sentiment as pst
+
+    out = fresh("calibrators")
+    found = timed(command(model, data, out), out)
+    t = found["calibration"]["temperature"]
+    config, _ = fts.parse_args(["--model-name", str(model), "--dataset-name", str(data), *RECIPE])
+    fts.apply_preset(config, has_gpu=False)
+    split = fts.load_data(config)  # the same seeded validation split training held out
+    loaded = pst.load_adapter(out / "adapter")
+    raw = {name: (pst.logits(*loaded, split[name]["text"], 64) * t, np.array(split[name]["labels"]))
+           for name in ("validation", "test")}  # the saved head is calibrated: times T is the model before
+    print(f"recipe: accuracy {found['eval_accuracy']:.4f}; temperature {t:.3f} on {len(raw['validation'][1])} "
+          f"validation rows; test {len(raw['test'][1])} rows", flush=True)
+    halves = np.arange(len(raw["test"][1])) % 2
+
+    def fitted(kind, logits, labels):
+        if kind == "temperature":
+            found_t = evaluation.fit_temperature(logits, labels)
+            return lambda z: z / found_t
+        a, b = platt(logits[:, 1] - logits[:, 0], labels)
+        return lambda z: np.stack([np.zeros(len(z)), a * (z[:, 1] - z[:, 0]) + b], axis=1)
+
+    for kind in ("temperature", "platt"):
+        held = fitted(kind, *raw["validation"])
+        scored = held(raw["test"][0])
+        both = []
+        for half in (0, 1):  # fit on validation + one half of test, score the other half
+            fit_rows = np.concatenate([raw["validation"][0], raw["test"][0][halves == half]])
+            fit_labels = np.concatenate([raw["validation"][1], raw["test"][1][halves == half]])
+            both.append((fitted(kind, fit_rows, fit_labels)(raw["test"][0][halves != half]),
+                         raw["test"][1][halves != half]))
+        more = np.concatenate([z for z, _ in both]), np.concatenate([y for _, y in both])
+        for name, (z, y) in ((f"{kind}, validation", (scored, raw["test"][1])), (f"{kind}, 2x held out", more)):
+            low, high = evaluation.ece_interval(z, y)
+            print(f"| {name} | {evaluation.ece(z, y):.4f} | {low:.4f}-{high:.4f} | "
+                  f"{evaluation.cross_entropy(z, y):.4f} |", flush=True)
+    z, y = raw["test"]
+    low, high = evaluation.ece_interval(z, y)
+    print(f"| none | {evaluation.ece(z, y):.4f} | {low:.4f}-{high:.4f} | {evaluation.cross_entropy(z, y):.4f} |")
+
+
+def platt(margin: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """a, b minimising the NLL of sigmoid(a * margin + b): Newton's method on the two parameters."""
+    a, b = 1.0, 0.0
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-(a * margin + b)))
+        g = np.array([np.sum((p - labels) * margin), np.sum(p - labels)])
+        w = p * (1 - p)
+        h = np.array([[np.sum(w * margin * margin), np.sum(w * margin)], [np.sum(w * margin), np.sum(w)]]) + 1e-9
+        step = np.linalg.solve(h, g)
+        a, b = a - step[0], b - step[1]
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(a), float(b)
 
 
 def calibration(model, data) -> None:
@@ -107,7 +228,8 @@ def search(model, data, trials: int, rows: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("parts", nargs="+", choices=("weights", "calibration", "search"))
+    parser.add_argument("parts", nargs="+", choices=("weights", "calibration", "search", "thresholds", "windows",
+                                                     "calibrators"))
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--train-samples", type=int, default=0, help="for search: training rows of both (0: all)")
     args = parser.parse_args()
@@ -120,6 +242,17 @@ def main() -> None:
         weights(model, data)
     if "calibration" in args.parts:
         calibration(model, data)
+    if "thresholds" in args.parts:
+        print("| CLASS_WEIGHTS | THRESHOLD | accuracy | macro F1 | negative recall | positive recall |\n"
+              "|---|---|---|---|---|---|", flush=True)
+        thresholds(model, data)
+    if "windows" in args.parts:
+        print("| TRUNCATION | accuracy | training rows | training s | --predict-file rows/s |\n|---|---|---|---|---|",
+              flush=True)
+        windows(model, data)
+    if "calibrators" in args.parts:
+        print("| calibration, fitted on | test ECE | 90% interval | test NLL |\n|---|---|---|---|", flush=True)
+        calibrators(model, data)
     if "search" in args.parts:
         print("| run | validation accuracy | test accuracy | wall s | settings |\n|---|---|---|---|---|", flush=True)
         search(model, data, args.trials, args.train_samples)

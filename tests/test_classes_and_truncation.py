@@ -4,12 +4,14 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 import evaluation
 import fine_tune_sentiment as fts
+import predict_sentiment as pst
 from conftest import FILLER, NEGATIVE, POSITIVE
 from helpers import fails_with
 
@@ -65,6 +67,75 @@ def test_only_head_tail_learns_a_verdict_at_the_end(run_args, tmp_path):
     model, tok = fts.load_adapter(tmp_path / "head+tail" / "adapter")  # --predict cuts as training did
     assert fts.encode(tok, [LONG]) == fts.encode(tokenizer(str(run_args[1]), "head+tail"), [LONG])
     assert fts.predict(model, tok, ["the " * 40 + "wonderful"])[0][0] == "POSITIVE"
+
+
+def test_windows_cover_a_long_review_and_stay_bounded(tiny_model):
+    assert pst.windows(10, 14, 7) == [(0, 10)]
+    assert pst.windows(30, 14, 7) == [(0, 14), (7, 21), (14, 28), (16, 30)]  # the last one ends at the end
+    spread = pst.windows(100_000, 14, 7)
+    assert len(spread) == pst.MAX_WINDOWS and spread[0] == (0, 14) and spread[-1] == (100_000 - 14, 100_000)
+    tok = fts.load_tokenizer(tiny_model, 16, None, "window", stride=5)
+    cut = pst.encode(tok, [LONG, "the movie was great"])
+    full = tok(LONG)["input_ids"][1:-1]
+    rows = [ids for ids, owner in zip(cut["input_ids"], cut["owner"]) if owner == 0]
+    assert cut["owner"][-1] == 1 and cut["input_ids"][-1] == tok("the movie was great")["input_ids"]
+    assert all(len(ids) == 16 and ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id for ids in rows)
+    assert [ids[1:-1] for ids in rows[:-1]] == [full[i:i + 14] for i in range(0, len(full) - 14, 5)]
+    assert rows[-1][1:-1] == full[-14:]
+
+
+def test_a_windowed_review_scores_as_its_windows_mean_in_bounded_batches(tiny_model):
+    from types import SimpleNamespace
+
+    tok = fts.load_tokenizer(tiny_model, 16, None, "window")
+    batches = []
+
+    def forward(batch):  # a stand-in model: a review's logit is the mean of its windows' token ids
+        batches.append(batch["input_ids"].shape)
+        mean = (batch["input_ids"] * batch["attention_mask"]).sum(1) / batch["attention_mask"].sum(1)  # not padding
+        return np.stack([mean, -mean], axis=1).astype(np.float32)
+
+    model = SimpleNamespace(config=SimpleNamespace(id2label={0: "NEGATIVE", 1: "POSITIVE"}), session_forward=forward)
+    huge = " ".join(FILLER * 8000)  # 104,000 words
+    found = pst.logits(model, tok, [huge, LONG, "great"], batch_size=4)
+    cut = pst.encode(tok, [huge, LONG, "great"])
+    assert cut["owner"].count(0) == pst.MAX_WINDOWS and max(b[0] for b in batches) <= 4
+    for owner in range(3):
+        rows = [np.mean(ids) for ids, o in zip(cut["input_ids"], cut["owner"]) if o == owner]
+        assert found[owner, 0] == pytest.approx(np.mean(rows), rel=1e-5)
+
+
+def filler_around_word(n: int, seed: int) -> pd.DataFrame:
+    """Reviews whose only sentiment words sit between 15 filler words and 15 more."""
+    rng = random.Random(seed)
+    rows = [(" ".join(rng.choices(FILLER, k=15) + rng.choices(POSITIVE if i % 2 else NEGATIVE, k=2)
+                      + rng.choices(FILLER, k=15)), i % 2) for i in range(n)]
+    return pd.DataFrame(rows, columns=["text", "label"])
+
+
+def test_only_window_learns_a_verdict_in_the_middle_and_every_runtime_reads_it_so(run_args, tmp_path):
+    folder = tmp_path / "middle"
+    folder.mkdir()
+    filler_around_word(400, seed=1).to_parquet(folder / "train.parquet")
+    filler_around_word(200, seed=2).to_parquet(folder / "test.parquet")
+    accuracy = {}
+    for mode in ("head+tail", "window"):
+        out = tmp_path / mode
+        args = run_args + ["--dataset-name", str(folder), "--max-length", "16", "--truncation", mode,
+                           "--output-dir", str(out), "--quiet"]
+        assert fts.main(args) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        accuracy[mode] = metrics["eval_accuracy"]
+        assert metrics["eval_samples"] == sum(map(sum, metrics["confusion_matrix"])) == 200  # reviews, not windows
+    assert metrics["train_windows"] > 3 * metrics["train_samples"]
+    assert accuracy["window"] >= 0.8 and accuracy["head+tail"] <= 0.7, accuracy
+    out = tmp_path / "window"
+    assert fts.main(["--output-dir", str(out), "--dataset-name", str(folder), "--export-onnx", "--quiet"]) == 0
+    assert json.loads((out / "onnx" / "config.json").read_text())["truncation"] == "window"
+    texts = list(filler_around_word(40, seed=3).text)
+    torch_side = pst.softmax(pst.logits(*pst.load_adapter(out / "adapter"), texts))
+    onnx_side = pst.softmax(pst.logits(*pst.load_exported(out / "onnx", "onnx"), texts))
+    assert np.abs(torch_side - onnx_side).max() < 1e-3  # both fp32: the same windows, averaged the same way
 
 
 def three_class_rows(n: int, seed: int) -> list[tuple[str, str]]:

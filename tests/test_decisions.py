@@ -158,6 +158,11 @@ def test_the_report_holds_its_tables_and_figures(trained):
     mistakes = re.search(r'<table id="mistakes">(.*?)</table>', page, re.S).group(1)
     rows = re.findall(r"<tr><td.*?</tr>", mistakes)
     assert len(rows) == min(20, sum(sum(r) - r[i] for i, r in enumerate(trained["metrics"]["confusion_matrix"])))
+    test = pd.read_parquet(next(Path(trained["args"][3]).glob("plain_text/test-*")))
+    truth = dict(zip(test.text, np.where(test.label == 1, "POSITIVE", "NEGATIVE")))
+    for row in rows:  # each quoted review with its own true label, and a wrong prediction
+        text, true, predicted = re.findall(r"<td[^>]*>(.*?)</td>", row)[:3]
+        assert truth[text] == true != predicted
     assert not re.search(r"""\b(src|href)=|<link|@import|url\(""", page)  # self-contained: nothing to fetch
 
 
