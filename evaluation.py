@@ -1,4 +1,5 @@
-"""How a trained model is judged and how it decides: metrics, calibration, the decision threshold, the report.
+"""How a trained model is judged, how it decides and how it is described: metrics, calibration, the decision
+threshold, the report, the model card.
 
 Plain numpy over logits and labels, so it is the same for training's evaluation, --eval-only and any runtime's
 logits; the pictures are inline SVG, so OUTPUT_DIR/report.html opens anywhere, offline. Imports no project file but
@@ -179,8 +180,8 @@ def choose_threshold(spec: str, logits: np.ndarray, labels: np.ndarray) -> tuple
         other = "recall" if kind == "precision" else "precision"
         best = int(reached[np.argmax(cut[other][reached])])  # the first of equals: the highest such threshold
     found = {k: round(float(cut[k][best]), 4) for k in ("precision", "recall", "macro_f1")}
-    return round(float(cut["threshold"][best]), 6), {"threshold": round(float(cut["threshold"][best]), 6),
-                                                     "asked": spec, "validation": found}
+    threshold = float(cut["threshold"][best])  # exact: rounded up, it would drop the row that defines it
+    return threshold, {"threshold": threshold, "asked": spec, "validation": found}
 
 
 def curve_points(positive: np.ndarray, labels: np.ndarray) -> dict:
@@ -378,3 +379,85 @@ def save_plot(history: list, matrix: list, names: list[str], path: Path, log=Non
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+# The model card ----------------------------------------------------------------------------------------------
+
+
+CARD = """---
+{header}
+---
+
+# LoRA sentiment adapter for `{model}`
+
+Trained by `fine_tune_sentiment.py` on {date}: a LoRA adapter plus a fully trained classification head{merged}.
+
+- **Labels:** {labels}
+- **Data:** `{dataset}`, {train_samples:,} training and {eval_samples:,} evaluation rows; reviews longer than \
+{max_length} tokens cut as `{truncation}`
+- **LoRA:** r={r}, alpha={alpha}, dropout={dropout}, targets {targets}; {trainable:,} of {total:,} parameters trained
+- **Training:** {epochs} epoch(s), batch size {batch_size} x {processes} process(es), learning rate {learning_rate}, \
+precision {precision}, on {device}
+- **Probabilities:** {confidence}
+- **Decision:** {decision}
+
+## Evaluation ({eval_samples:,} rows, {date})
+
+| metric | value |
+|---|---|
+{rows}
+
+## How to use
+
+```python
+from transformers import pipeline
+labels = {label_maps!r}
+{load}
+classify("This movie was fantastic!")
+```
+
+`pipeline()` cuts reviews longer than {max_length} tokens at the head only; `predict_sentiment.py
+--predict` cuts them as training did (`{truncation}`).
+"""
+LOAD = {"peft": """classify = pipeline("text-classification", model="{where}", model_kwargs=labels)
+# or, with peft's own class:
+from peft import AutoPeftModelForSequenceClassification
+from transformers import AutoTokenizer
+model = AutoPeftModelForSequenceClassification.from_pretrained("{where}", **labels)
+classify = pipeline("text-classification", model=model, tokenizer=AutoTokenizer.from_pretrained("{where}"))""",
+        "transformers": 'classify = pipeline("text-classification", model="{where}")'}  # how the card loads it
+
+
+def write_card(folder: Path, where: Path, metrics: dict, library: str) -> None:
+    """Replace peft's empty template in folder (to become where) with CARD, filled, and hub metadata."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    config, names = metrics["config"], list(metrics["labels"])
+    results = [EvalResult(task_type="text-classification", task_name="Text Classification", dataset_split="test",
+                          dataset_type=config["DATASET_NAME"], dataset_name=config["DATASET_NAME"], metric_type=kind,
+                          metric_value=metrics[f"eval_{kind}"], metric_args=args)
+               for kind, args in (("accuracy", None), ("f1", {"average": "macro"} if len(names) > 2 else None))]
+    header = ModelCardData(base_model=config["MODEL_NAME"], library_name=library, pipeline_tag="text-classification",
+                           tags=["sentiment-analysis", "lora", "fine_tune_sentiment"], eval_results=results,
+                           model_name=f"{config['MODEL_NAME']} LoRA sentiment")
+    found = metrics["calibration"]
+    fields = dict(
+        header=header.to_yaml(), model=config["MODEL_NAME"], date=metrics["date"], dataset=config["DATASET_NAME"],
+        merged=", here merged into the base weights (no peft needed)" if library == "transformers" else "",
+        labels=", ".join(f"{i} = {name}" for i, name in enumerate(names)), train_samples=metrics["train_samples"],
+        eval_samples=metrics["eval_samples"], max_length=config["MAX_LENGTH"], truncation=config["TRUNCATION"],
+        r=config["LORA_R"], alpha=config["LORA_ALPHA"], dropout=config["LORA_DROPOUT"],
+        targets=metrics["lora_targets"], trainable=metrics["trainable_params"], total=metrics["total_params"],
+        epochs=config["EPOCHS"], batch_size=config["BATCH_SIZE"], processes=metrics["world_size"],
+        learning_rate=config["LEARNING_RATE"], precision=metrics["precision"], device=metrics["device"],
+        confidence=found if isinstance(found, str) else (  # metrics.json: "off", "skipped: ...", or the report
+            f"calibrated by temperature scaling (T = {found['temperature']}, folded into the classifier); test ECE "
+            f"{found['test_ece_before']} before, {found['test_ece_after']} after"),
+        decision="the most probable class (argmax)" if metrics["threshold"] == "argmax" else (
+            f"{names[1]} where its probability is at least {metrics['threshold']} (THRESHOLD {config['THRESHOLD']}, "
+            f"saved in tokenizer_config.json as decision_threshold); pipeline() takes argmax, so compare the scores"),
+        rows="\n".join(f"| {k.removeprefix('eval_')} | {metrics[k]:.4f} |" for k in
+                       ("eval_accuracy", "eval_f1", "eval_precision", "eval_recall", "eval_loss")),
+        label_maps={"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}},
+        load=LOAD[library].format(where=where))
+    ModelCard(CARD.format(**fields)).save(folder / "README.md")

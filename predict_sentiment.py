@@ -1064,16 +1064,13 @@ def build_app(score, names: list[str], config: dict, threshold: float | None = N
                              "runtime": config["RUNTIME"], "labels": names, "queued": batcher.queued,
                              "max_queue": config["MAX_QUEUE"]}, status_code=503 if full else 200)
 
-    @app.get("/")
-    async def page():
-        return HTMLResponse(PAGE)
-
     @app.get("/metrics")
     async def metrics():
         return Response(generate_latest(meters.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.add_route("/predict", predict_route, methods=["POST"])
     app.add_route("/", inference_route, methods=["POST"])
+    app.add_route("/", lambda request: HTMLResponse(PAGE), methods=["GET"])  # the page to try the model
     return Guard(app, config["API_KEY"] or os.environ.get("SENTIMENT_API_KEY", ""), meters)
 
 

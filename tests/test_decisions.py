@@ -53,6 +53,19 @@ def test_a_precision_no_threshold_reaches_keeps_argmax_and_says_why():
         choice["status"]
 
 
+def test_the_ece_interval_holds_the_ece_and_narrows_with_more_rows():
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (500, 8000):
+        margin = rng.normal(0, 2, n)
+        labels = (rng.random(n) < 1 / (1 + np.exp(-margin))).astype(int)  # calibrated by construction
+        logits = np.stack([np.zeros(n), margin], axis=1)
+        low, high = evaluation.ece_interval(logits, labels)
+        assert low <= evaluation.ece(logits, labels) <= high
+        widths.append(high - low)
+    assert 2.5 < widths[0] / widths[1] < 6  # 16x the rows: about a quarter of the width
+
+
 def test_metrics_are_reported_at_the_threshold_and_at_argmax():
     labels, logits = np.array([1, 1, 0, 0]), np.array([[0, 2.0], [0, 0.5], [0, 0.2], [0, -2.0]])  # p1 .88 .62 .55 .12
     metrics = evaluation.metrics_from(logits, labels, ["NEGATIVE", "POSITIVE"], threshold=0.6)
@@ -95,6 +108,13 @@ def test_a_tuned_threshold_is_saved_used_by_eval_only_and_reported(run_args, imd
     ties = int(np.sum(np.abs(positive - threshold) <= gap))
     assert np.abs(np.array(metrics["confusion_matrix"]) - expected).sum() <= 2 * ties
     assert (out / "report.html").exists()
+    config, _ = fts.parse_args(run_args + ["--epochs", "2", "--validation", "0.25"])
+    held = fts.load_data(config)["validation"]  # the split it was tuned on, scored by the saved (calibrated) model
+    p = pst.softmax(pst.logits(*pst.load_adapter(out / "adapter"), held["text"]))[:, 1]
+    found, truth = p >= threshold, np.array(held["labels"]) == 1
+    ties = int(np.sum(np.abs(p - threshold) <= gap))
+    assert abs(np.sum(found & truth) / truth.sum() - metrics["threshold_choice"]["validation"]["recall"]) <= \
+        ties / truth.sum() + 1e-4  # tuned on the calibrated probabilities, as the saved model gives them
     assert fts.main(["--output-dir", str(out), "--dataset-name", imdb_folder, "--eval-only", "--quiet"]) == 0
     again = json.loads((out / "eval_metrics.json").read_text())
     assert again["threshold"] == threshold and again["argmax"] and (out / "eval_report.html").exists()

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,7 +44,7 @@ def test_unreachable_hub_fails_fast_with_advice(run_args, monkeypatch, capsys):
     def no_network(*args, **kwargs):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(fts.socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
     started = time.perf_counter()
     message = fails_with(with_flag(run_args, "--model-name", "distilbert-base-uncased"), capsys)
     assert time.perf_counter() - started < 5
