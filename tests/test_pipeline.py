@@ -324,3 +324,10 @@ def test_metrics_on_a_hand_counted_case():
     assert evaluation.confusion_matrix(labels, logits.argmax(-1)) == [[4, 2], [1, 3]]
     assert metrics["accuracy"] == pytest.approx(0.7) and metrics["precision"] == pytest.approx(3 / 5)
     assert metrics["recall"] == pytest.approx(3 / 4) and metrics["f1"] == pytest.approx(2 / 3)
+
+
+def test_a_review_s_control_characters_are_escaped_when_printed(capsys):
+    pst.print_predictions(["\x1b[31mred\x1b[0m and a bell\x07", "tab\tand\nnewline"], [("POSITIVE", 0.9)] * 2)
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b[31mred\\x1b[0m and a bell\\x07" in out
+    assert 'Review: "tab and newline"' in out  # whitespace folds to one line
