@@ -123,15 +123,20 @@ def windows(model, data) -> None:
               f"{len(test) / seconds:.1f} |", flush=True)
 
 
-def calibrators(model, data) -> None:
+def calibrators(model, data, reuse: bool = False) -> None:
     """Test ECE (90% bootstrap interval) of temperature scaling and a Platt fit, on the held-out rows training had
-    and on twice as many (validation plus half of test, both ways)."""
+    and on twice as many (validation plus half of test, both ways); then, fitted on validation, out of domain
+    (paragraphs of 5 test sentences of one class). reuse: score the model an earlier run left."""
     import evaluation
     import fine_tune_sentiment as fts
     import predict_sentiment as pst
 
-    out = fresh("calibrators")
-    found = timed(command(model, data, out), out)
+    out = WORK / "fit" / "calibrators"
+    if reuse and (out / "metrics.json").exists():
+        found = json.loads((out / "metrics.json").read_text())
+    else:
+        out = fresh("calibrators")
+        found = timed(command(model, data, out), out)
     t = found["calibration"]["temperature"]
     config, _ = fts.parse_args(["--model-name", str(model), "--dataset-name", str(data), *RECIPE])
     fts.apply_preset(config, has_gpu=False)
@@ -167,6 +172,13 @@ def calibrators(model, data) -> None:
     z, y = raw["test"]
     low, high = evaluation.ece_interval(z, y)
     print(f"| none | {evaluation.ece(z, y):.4f} | {low:.4f}-{high:.4f} | {evaluation.cross_entropy(z, y):.4f} |")
+    far = paragraphs(pd.read_parquet(data / "test.parquet"), 5, 0)  # another kind of review: out of domain
+    z, y = pst.logits(*loaded, list(far.text), 64) * t, far.label.to_numpy()
+    for name, calibrate in (("none", lambda v: v), ("temperature", fitted("temperature", *raw["validation"])),
+                            ("platt", fitted("platt", *raw["validation"]))):
+        low, high = evaluation.ece_interval(calibrate(z), y)
+        print(f"| out of domain ({len(y)} paragraphs), {name} | {evaluation.ece(calibrate(z), y):.4f} | "
+              f"{low:.4f}-{high:.4f} | {evaluation.cross_entropy(calibrate(z), y):.4f} |", flush=True)
 
 
 def platt(margin: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -231,6 +243,7 @@ def main() -> None:
     parser.add_argument("parts", nargs="+", choices=("weights", "calibration", "search", "thresholds", "windows",
                                                      "calibrators"))
     parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--reuse", action="store_true", help="calibrators: score the model an earlier run left")
     parser.add_argument("--train-samples", type=int, default=0, help="for search: training rows of both (0: all)")
     args = parser.parse_args()
     model, _ = ensure_packages()
@@ -252,7 +265,7 @@ def main() -> None:
         windows(model, data)
     if "calibrators" in args.parts:
         print("| calibration, fitted on | test ECE | 90% interval | test NLL |\n|---|---|---|---|", flush=True)
-        calibrators(model, data)
+        calibrators(model, data, args.reuse)
     if "search" in args.parts:
         print("| run | validation accuracy | test accuracy | wall s | settings |\n|---|---|---|---|---|", flush=True)
         search(model, data, args.trials, args.train_samples)
