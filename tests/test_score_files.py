@@ -1,13 +1,16 @@
 """Scoring folders of files: one output per input, resumed by a rerun; the same on a local Ray; the file split."""
 
 import ast
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -140,7 +143,14 @@ def test_ray_scores_every_row_once_as_one_process_does(exported, tmp_path):
     (tmp_path / "out.tmp").mkdir()  # a killed run's leftovers, under the name it used to reuse
     frames[0].to_parquet(tmp_path / "out.tmp" / "stale.parquet")
     copies = set(Path(tempfile.gettempdir()).glob("sentiment-onnx-*"))
-    result = ray_run(exported, tmp_path / "in", tmp_path / "out")
+    model = tmp_path / "model"  # with a saved threshold between two rows' scores: Ray must decide with it too
+    shutil.copytree(exported / "onnx", model / "onnx")
+    positive = np.sort(pst.softmax(pst.logits(*pst.load_exported(model / "onnx", "onnx"), rows))[:, 1])
+    gaps = [i for i in range(len(positive) - 1) if positive[i] > 0.5 and positive[i + 1] - positive[i] > 1e-4]
+    threshold = float(positive[gaps[len(gaps) // 2]] + positive[gaps[len(gaps) // 2] + 1]) / 2
+    config = json.loads((model / "onnx" / "config.json").read_text())
+    (model / "onnx" / "config.json").write_text(json.dumps(config | {"threshold": threshold}))
+    result = ray_run(model, tmp_path / "in", tmp_path / "out")
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(Path(tempfile.gettempdir()).glob("sentiment-onnx-*")) == copies  # no model copy left behind
     scored = pd.read_parquet(tmp_path / "out")
@@ -149,8 +159,10 @@ def test_ray_scores_every_row_once_as_one_process_does(exported, tmp_path):
     assert {"id", "text", "stars", "predicted_label", "predicted_score"} <= set(scored.columns)
     scored = scored.set_index("id").loc[list(expected["id"])]
     assert list(scored["text"]) == list(expected["text"])
-    one = pst.predict(*pst.load_onnx(exported / "onnx", int8=False), list(expected["text"]))
+    one = pst.predict(*pst.load_onnx(model / "onnx", int8=False), list(expected["text"]))
     assert list(scored["predicted_label"]) == [label for label, _ in one]
+    flipped = [label == "NEGATIVE" and score < 0.5 for label, score in one]  # POSITIVE by argmax, not by threshold
+    assert sum(flipped) >= 3
     assert scored["predicted_score"].tolist() == pytest.approx([score for _, score in one], abs=1e-5)
 
 
