@@ -95,15 +95,20 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp((low + high) / 2))
 
 
+def confidence_bins(logits: np.ndarray, labels: np.ndarray, bins: int = BINS):
+    """Each row's confidence, whether its argmax is right (0/1), and its equal-width confidence bin."""
+    probabilities = softmax(logits)
+    confidence, right = probabilities.max(-1), (probabilities.argmax(-1) == labels).astype(float)
+    return confidence, right, np.minimum((confidence * bins).astype(int), bins - 1)
+
+
 def reliability(logits: np.ndarray, labels: np.ndarray, bins: int = BINS):
     """Per equal-width confidence bin: its rows, mean confidence and accuracy (bins without rows are left out)."""
-    probabilities = softmax(logits)
-    confidence, right = probabilities.max(-1), probabilities.argmax(-1) == labels
-    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    confidence, right, which = confidence_bins(logits, labels, bins)
     rows = np.bincount(which, minlength=bins)
     kept = rows > 0
     mean = lambda x: np.bincount(which, weights=x, minlength=bins)[kept] / rows[kept]  # noqa: E731
-    return rows[kept], mean(confidence), mean(right.astype(float))
+    return rows[kept], mean(confidence), mean(right)
 
 
 def ece(logits: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
@@ -114,9 +119,7 @@ def ece(logits: np.ndarray, labels: np.ndarray, bins: int = BINS) -> float:
 
 def ece_interval(logits: np.ndarray, labels: np.ndarray, draws: int = 1000, seed: int = 0) -> list[float]:
     """A bootstrap 90% interval of the ECE: the rows drawn again with replacement, draws times (seeded)."""
-    probabilities = softmax(logits)
-    confidence, right = probabilities.max(-1), (probabilities.argmax(-1) == labels).astype(float)
-    which = np.minimum((confidence * BINS).astype(int), BINS - 1)
+    confidence, right, which = confidence_bins(logits, labels)
     rng, n, found = np.random.default_rng(seed), len(labels), []
     for _ in range(draws):
         rows = rng.integers(0, n, n)
@@ -278,9 +281,11 @@ def reliability_figure(logits, labels, temperature: float | None, calibration: d
     """Accuracy against confidence per bin, before calibration (logits x T) and as saved; the diagonal is perfect."""
     series = [] if not temperature or temperature == 1 else [("before (red)", logits * temperature, "#d62728")]
     lines, legend = [], []
+    known = {"before (red)": calibration.get("test_ece_before_90"),
+             "as saved (blue)": calibration.get("test_ece_after_90")}
     for name, values, color in series + [("as saved (blue)", logits, "#1f77b4")]:
         _, confidence, accuracy = reliability(values, labels)
-        interval = ece_interval(values, labels, draws=200)
+        interval = known[name] or ece_interval(values, labels)  # training's, else drawn here
         lines.append((confidence, accuracy, color))
         legend.append(f"{name}: ECE {ece(values, labels):.4f} (90% {interval[0]:.4f}-{interval[1]:.4f})")
     low = min(min(c.min() for c, _, _ in lines), 1 / max(len(np.unique(labels)), 2))

@@ -50,18 +50,25 @@ def filler_then_word(n: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["text", "label"])
 
 
-def test_only_head_tail_learns_a_verdict_at_the_end(run_args, tmp_path):
-    folder = tmp_path / "late"
+def train_each_cut(run_args, tmp_path, reviews, modes) -> dict:
+    """Train on reviews(n, seed) once per TRUNCATION mode at 16 tokens; return each run's metrics.json."""
+    folder = tmp_path / "data"
     folder.mkdir()
-    filler_then_word(400, seed=1).to_parquet(folder / "train.parquet")
-    filler_then_word(200, seed=2).to_parquet(folder / "test.parquet")
-    accuracy = {}
-    for mode in ("head", "head+tail"):
+    reviews(400, seed=1).to_parquet(folder / "train.parquet")
+    reviews(200, seed=2).to_parquet(folder / "test.parquet")
+    found = {}
+    for mode in modes:
         out = tmp_path / mode
         args = run_args + ["--dataset-name", str(folder), "--max-length", "16", "--truncation", mode,
                            "--output-dir", str(out), "--quiet"]
         assert fts.main(args) == 0
-        accuracy[mode] = json.loads((out / "metrics.json").read_text())["eval_accuracy"]
+        found[mode] = json.loads((out / "metrics.json").read_text())
+    return found
+
+
+def test_only_head_tail_learns_a_verdict_at_the_end(run_args, tmp_path):
+    found = train_each_cut(run_args, tmp_path, filler_then_word, ("head", "head+tail"))
+    accuracy = {mode: metrics["eval_accuracy"] for mode, metrics in found.items()}
     # measured head+tail 0.915-0.935 and head 0.50-0.56 (AVX2, fp32 and bf16); chance is 0.5
     assert accuracy["head+tail"] >= 0.8 and accuracy["head"] <= 0.65, accuracy
     model, tok = fts.load_adapter(tmp_path / "head+tail" / "adapter")  # --predict cuts as training did
@@ -114,23 +121,14 @@ def filler_around_word(n: int, seed: int) -> pd.DataFrame:
 
 
 def test_only_window_learns_a_verdict_in_the_middle_and_every_runtime_reads_it_so(run_args, tmp_path):
-    folder = tmp_path / "middle"
-    folder.mkdir()
-    filler_around_word(400, seed=1).to_parquet(folder / "train.parquet")
-    filler_around_word(200, seed=2).to_parquet(folder / "test.parquet")
-    accuracy = {}
-    for mode in ("head+tail", "window"):
-        out = tmp_path / mode
-        args = run_args + ["--dataset-name", str(folder), "--max-length", "16", "--truncation", mode,
-                           "--output-dir", str(out), "--quiet"]
-        assert fts.main(args) == 0
-        metrics = json.loads((out / "metrics.json").read_text())
-        accuracy[mode] = metrics["eval_accuracy"]
+    found = train_each_cut(run_args, tmp_path, filler_around_word, ("head+tail", "window"))
+    accuracy = {mode: metrics["eval_accuracy"] for mode, metrics in found.items()}
+    for metrics in found.values():
         assert metrics["eval_samples"] == sum(map(sum, metrics["confusion_matrix"])) == 200  # reviews, not windows
-    assert metrics["train_windows"] > 3 * metrics["train_samples"]
+    assert found["window"]["train_windows"] > 3 * found["window"]["train_samples"]
     assert accuracy["window"] >= 0.8 and accuracy["head+tail"] <= 0.7, accuracy
     out = tmp_path / "window"
-    assert fts.main(["--output-dir", str(out), "--dataset-name", str(folder), "--export-onnx", "--quiet"]) == 0
+    assert fts.main(["--output-dir", str(out), "--dataset-name", str(tmp_path / "data"), "--export-onnx", "--quiet"]) == 0
     assert json.loads((out / "onnx" / "config.json").read_text())["truncation"] == "window"
     texts = list(filler_around_word(40, seed=3).text)
     torch_side = pst.softmax(pst.logits(*pst.load_adapter(out / "adapter"), texts))
