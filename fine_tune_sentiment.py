@@ -766,12 +766,14 @@ def stop(signum, frame):
 
 def trial_settings(trial) -> dict:
     """One trial's settings, drawn from SEARCH_SPACE (or read back from a finished trial)."""
-    space, get = SEARCH_SPACE, getattr(trial, "suggest_categorical", None)
-    if get is None:  # a FrozenTrial: the settings it drew
+    import optuna
+
+    space = SEARCH_SPACE
+    if isinstance(trial, optuna.trial.FrozenTrial):  # a finished trial (it has suggest_* too): what it drew
         params = trial.params
     else:
         params = {"LEARNING_RATE": trial.suggest_float("LEARNING_RATE", *space["LEARNING_RATE"], log=True)} | {
-            name: get(name, list(space[name])) for name in space if name != "LEARNING_RATE"}
+            name: trial.suggest_categorical(name, list(space[name])) for name in space if name != "LEARNING_RATE"}
     targets = params["TARGET_MODULES"]
     return {"LEARNING_RATE": params["LEARNING_RATE"], "EPOCHS": params["EPOCHS"], "LORA_R": params["LORA_R"],
             "LORA_ALPHA": params["LORA_ALPHA"] * params["LORA_R"], "LORA_DROPOUT": params["LORA_DROPOUT"],
@@ -790,7 +792,7 @@ def trial_score(metrics: dict) -> float:
 def write_search(path: Path, study, trials: int, best: dict | None, command: str | None) -> None:
     """search.json: every trial with its settings, state, validation accuracy and time; the winner; its command."""
     rows = [{"number": t.number, "state": t.state.name, "validation_accuracy": t.value,
-             "settings": trial_settings(t) if t.params else {},
+             "settings": trial_settings(t) if set(t.params) == set(SEARCH_SPACE) else t.params,  # stopped early
              "seconds": round((t.datetime_complete - t.datetime_start).total_seconds(), 1)
              if t.datetime_complete and t.datetime_start else None} for t in study.trials]
     write_json(path, {"trials_asked": trials, "space": SEARCH_SPACE, "best": best,
