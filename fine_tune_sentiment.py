@@ -686,7 +686,6 @@ def run_search(config: dict, args: argparse.Namespace, state, trials: int) -> di
     need_package("optuna", what="--search", requirements="requirements-search.txt")
     import optuna
 
-    signal.signal(signal.SIGTERM, stop)  # like Ctrl-C: the trial in progress is recorded as failed, then exit 130
     optuna.logging.set_verbosity(optuna.logging.WARNING if args.quiet else optuna.logging.INFO)
     run, data, tokenizer = prepare(config, args, state, epochs=max(SEARCH_SPACE["EPOCHS"]))  # validation held out
     if "validation" not in data:
@@ -751,17 +750,49 @@ def hyperparameter_search(run: Run, data: DatasetDict, tokenizer, storage: str, 
                       processing_class=tokenizer)
     if run.quiet:
         trainer.remove_callback(PrinterCallback)
-    trainer.hyperparameter_search(direction="maximize", backend="optuna", n_trials=trials,
-                                  hp_space=lambda trial: {"learning_rate": trial_settings(trial)["LEARNING_RATE"],
-                                                          "num_train_epochs": trial_settings(trial)["EPOCHS"]},
-                                  compute_objective=trial_score, study_name="search", load_if_exists=True,
-                                  storage=storage, sampler=optuna.samplers.TPESampler(seed=config["SEED"]))
+    stopper = trial_stopper()
+    trainer.add_callback(stopper)
+    try:
+        trainer.hyperparameter_search(direction="maximize", backend="optuna", n_trials=trials,
+                                      hp_space=lambda trial: {"learning_rate": trial_settings(trial)["LEARNING_RATE"],
+                                                              "num_train_epochs": trial_settings(trial)["EPOCHS"]},
+                                      compute_objective=trial_score, study_name="search", load_if_exists=True,
+                                      storage=storage, sampler=optuna.samplers.TPESampler(seed=config["SEED"]))
+    finally:
+        stopper.restore()
+    if stopper.interrupted:  # after the last trial's training: stop before the winner trains
+        raise KeyboardInterrupt
     shutil.rmtree(folder / "search", ignore_errors=True)
 
 
-def stop(signum, frame):
-    """A signal handler that stops as Ctrl-C does."""
-    raise KeyboardInterrupt
+def trial_stopper():
+    """A Trainer callback for --search: Ctrl-C or SIGTERM stops the trial in progress after its step, and Optuna
+    records it failed (then exit 130). Never at once: a KeyboardInterrupt inside Optuna's own write to search.db
+    leaves the file locked, and the write that records the trial fails ("database is locked")."""
+    from transformers import TrainerCallback
+
+    class StopTrial(TrainerCallback):
+        def __init__(self):
+            self.interrupted = False
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def handle(self, signum, frame):
+            if self.interrupted:
+                raise KeyboardInterrupt  # a second Ctrl-C quits now
+            self.interrupted = True
+            log.warning("\nInterrupted: the trial stops after this step (press Ctrl-C again to quit now)")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.interrupted:
+                raise KeyboardInterrupt
+
+        on_train_begin = on_evaluate = on_step_end
+
+        def restore(self):
+            for sig, handler in self.previous.items():
+                signal.signal(sig, handler)
+
+    return StopTrial()
 
 
 def trial_settings(trial) -> dict:
