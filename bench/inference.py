@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES), metavar="RUNTIME",
                         help=f"a subset of: {', '.join(RUNTIMES)} (default: all)")
+    parser.add_argument("--before", metavar="DIR", help="also run the exported runtimes with DIR's "
+                        "predict_sentiment.py (a worktree of an earlier commit), as 'NAME (before)'")
     args = parser.parse_args()
     model, _ = ensure_packages()
     data, out = ROOT / "bench/data/rotten-tomatoes", WORK / "inference"
@@ -57,11 +59,15 @@ def main() -> None:
     print(f"CPU: {cpu_flags()}\n{args.rows:,} rows ({len(test):,} test sentences repeated), batches of 64, "
           f"{args.repeats} alternating repeats", flush=True)
     found = {name: [] for name in args.runtimes}
+    if args.before:
+        found |= {f"{name} (before)": [] for name in args.runtimes if name.startswith(("onnx", "openvino"))}
     for repeat in range(args.repeats):
         for name in found:
-            flags = RUNTIMES[name]
-            target = out / f"predictions-{name.replace(' ', '-')}.csv"
-            printed, peak = run([*predict, *flags, "--predict-file", str(source), "--predictions", str(target),
+            flags = RUNTIMES[name.removesuffix(" (before)")]
+            script = [sys.executable, os.path.join(args.before, "predict_sentiment.py"), *predict[2:]
+                      ] if name.endswith("(before)") else predict
+            target = out / f"predictions-{name.replace(' ', '-').replace('(', '').replace(')', '')}.csv"
+            printed, peak = run([*script, *flags, "--predict-file", str(source), "--predictions", str(target),
                                  "--quiet", "--batch-size", "64"])
             rate = float(printed.split("(")[-1].split()[0])  # "Scored N rows in Ts (R rows/s): path"
             labels = pd.read_csv(target, nrows=len(test))

@@ -68,6 +68,24 @@ def test_an_int8_score_does_not_depend_on_the_batch(exported, imdb_folder, runti
         assert np.abs(pst.softmax(batched) - pst.softmax(alone)).max() <= INT8_BATCH_GAP
 
 
+@pytest.mark.parametrize("runtime", ["onnx-int8", "openvino"])
+def test_streams_give_the_logits_of_one_batch_at_a_time_over_many_spans_and_windows(exported, imdb_folder, runtime):
+    """--predict-file runs batches side by side (streams); each row must land where it belongs, spans apart."""
+    pytest.importorskip(pst.EXPORTED[runtime][1])
+    texts = list(pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*"))).text)[:150] + [LONG, "fun"] * 5
+    one, tokenizer = pst.load_exported(exported / "onnx", runtime)
+    streamed, _ = pst.load_exported(exported / "onnx", runtime, streams=True)
+    if pst.cores() >= 2:
+        assert len(streamed.session_streams) >= 2
+    for cut in ("head+tail", "window"):  # window: a LONG review is several rows, averaged back into one
+        tokenizer.init_kwargs["review_truncation"] = cut
+        alone = fts.logits(one, tokenizer, texts, batch_size=4)  # spans of 64 texts: 4 of them
+        assert np.abs(fts.logits(streamed, tokenizer, texts, batch_size=4) - alone).max() <= INT8_BATCH_GAP
+    streamed.session_streams = [lambda batch: 1 / 0] * 2
+    with pytest.raises(ZeroDivisionError):  # a stream's error reaches the caller
+        fts.logits(streamed, tokenizer, texts, batch_size=4)
+
+
 @pytest.mark.parametrize("runtime", ["onnx", "onnx-int8", "openvino"])
 def test_every_mode_on_onnx(exported, imdb_folder, tmp_path, runtime, capsys):
     pytest.importorskip(pst.EXPORTED[runtime][1])
