@@ -144,10 +144,14 @@ def run_serve(config: dict) -> None:
                  requirements="requirements-serve.txt")
     import uvicorn
 
+    from types import SimpleNamespace
+
     started = time.perf_counter()
-    model, tokenizer, precision = load_for_inference(config)
-    app = build_app(lambda texts: logits(model, tokenizer, texts, config["BATCH_SIZE"], precision),
-                    list(model.config.id2label.values()), config, threshold_of(tokenizer))
+    model, tokenizer, precision = load_for_inference(config, streams=True)  # an export: a batch on each stream
+    models = [SimpleNamespace(config=model.config, session_forward=forward) for forward in model.session_streams
+              ] if getattr(model, "session_streams", None) else [model]
+    app = build_app([lambda texts, one=one: logits(one, tokenizer, texts, config["BATCH_SIZE"], precision)
+                     for one in models], list(model.config.id2label.values()), config, threshold_of(tokenizer))
     if not is_loopback(config["HOST"]) and not app.key:
         log.warning(f"warning: serving on {config['HOST']} without an API key: anyone who reaches this port can use "
                     f"it (set --api-key or SENTIMENT_API_KEY)")
@@ -907,7 +911,9 @@ class Refused(Exception):
 
 class MicroBatcher:
     """Gathers the texts of concurrent callers into batches of up to max_batch and runs score(texts) -> one row per
-    text in one worker thread, so the event loop stays free. A batch starts as soon as the worker is free, waiting
+    text in a worker thread, so the event loop stays free; score may be a list, one function per stream of the
+    model (each on its share of the cores), and then as many batches run at once. A batch starts as soon as a
+    worker is free, waiting
     (at most max_wait_s: LitServe's batch_timeout) only while other requests are still being read, inside
     `with batcher.arriving():`; a lone caller never waits. Batches take texts round-robin across the waiting
     requests, so a small request is not stuck behind a large one. At most max_queue texts wait (more: Refused 503);
@@ -917,18 +923,25 @@ class MicroBatcher:
 
     def __init__(self, score, max_batch: int, max_wait_s: float, max_queue: int = 1 << 30,
                  timeout_s: float | None = None, on_batch=lambda size: None, on_drop=lambda reason, count: None):
-        self.score, self.max_batch, self.max_wait_s, self.max_queue = score, max_batch, max_wait_s, max_queue
+        self.scores = list(score) if isinstance(score, (list, tuple)) else [score]
+        self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self.timeout_s, self.on_batch, self.on_drop = timeout_s, on_batch, on_drop
         self.batches, self.waiting, self.draining = 0, collections.deque(), False  # waiting: [texts, answers, next]
-        self.ready = self.task = self.thread = None
+        self.ready = self.task = self.thread = self.free = None
+        self.running = set()  # the batches being scored
         self.reading = 0  # requests being read, whose texts a batch may wait for
 
     async def __aenter__(self) -> None:  # None: it also serves as a Starlette lifespan, which yields no state
-        self.ready, self.thread = asyncio.Event(), ThreadPoolExecutor(1)  # one thread: batches run one at a time
+        self.ready, self.thread = asyncio.Event(), ThreadPoolExecutor(len(self.scores))  # a thread a stream
+        self.free = asyncio.Queue()  # the score functions not running a batch
+        for score in self.scores:
+            self.free.put_nowait(score)
         self.task = asyncio.create_task(self.run())
 
     async def __aexit__(self, *exc) -> None:
         self.task.cancel()
+        for batch in self.running:
+            batch.cancel()
         self.thread.shutdown(wait=False)
 
     @contextlib.contextmanager
@@ -987,25 +1000,37 @@ class MicroBatcher:
         return len(waiting)
 
     async def run(self) -> None:
-        """Forever: take the next batch, score it off the event loop, answer each waiting text."""
-        loop = asyncio.get_running_loop()
+        """Forever: once a worker is free, take the next batch and score it off the event loop."""
         while True:
+            score = await self.free.get()
             batch = await self.next_batch()
             if not batch:  # every text of it was dropped meanwhile
+                self.free.put_nowait(score)
                 continue
-            found = await loop.run_in_executor(self.thread, self.score_each, [text for text, _ in batch])
-            self.batches += 1
-            self.on_batch(len(batch))
-            for (_, answer), row in zip(batch, found):
-                if not answer.done():
-                    answer.set_exception(row) if isinstance(row, Exception) else answer.set_result(row)
+            task = asyncio.create_task(self.answer(score, batch))
+            self.running.add(task)
+            task.add_done_callback(self.running.discard)
 
-    def score_each(self, texts: list[str]) -> list:
+    async def answer(self, score, batch: list) -> None:
+        """Score one batch in a worker thread, then answer each waiting text."""
+        try:
+            found = await asyncio.get_running_loop().run_in_executor(self.thread, self.score_each, score,
+                                                                     [text for text, _ in batch])
+        finally:
+            self.free.put_nowait(score)
+        self.batches += 1
+        self.on_batch(len(batch))
+        for (_, answer), row in zip(batch, found):
+            if not answer.done():
+                answer.set_exception(row) if isinstance(row, Exception) else answer.set_result(row)
+
+    def score_each(self, score, texts: list[str]) -> list:
         """score(texts); where the batch fails, each text alone, so that only the failing ones get the error."""
         try:
-            return list(self.score(texts))
+            return list(score(texts))
         except Exception as error:  # noqa: BLE001  one bad text must not fail the others
-            return [error] if len(texts) == 1 else [row for text in texts for row in self.score_each([text])]
+            return [error] if len(texts) == 1 else [row for text in texts
+                                                    for row in self.score_each(score, [text])]
 
     async def next_batch(self) -> list:
         """Up to max_batch (text, answer) pairs, one from each waiting request in turn; after the first text, wait at
@@ -1069,9 +1094,10 @@ $("send").onclick = async () => {
 
 def build_app(score, names: list[str], config: dict, threshold: float | None = None):
     """A FastAPI app: POST /predict and POST / (the Hugging Face Inference format) score texts with score(texts) ->
-    logits, batched across concurrent requests by a MicroBatcher; /predict labels with the saved threshold; GET /
-    is a page to try the model; GET /health answers during a long batch and says when the queue is full; GET
-    /metrics is Prometheus'. Guard checks the key and content type, and counts."""
+    logits (or a list of such functions, one per stream: see MicroBatcher), batched across concurrent requests by a
+    MicroBatcher; /predict labels with the saved threshold; GET / is a page to try the model; GET /health answers
+    during a long batch and says when the queue is full; GET /metrics is Prometheus'. Guard checks the key and
+    content type, and counts."""
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -7,7 +7,8 @@ Uses the model bench/inference.py trains and exports into bench/runs/inference/ 
   sent (at most 120 s a level): rows/s, p50 and p99 latency;
 - with --peer litserve: the same, and LitServe serving the same model and scoring code with its own batching
   (bench/litserve_peer.py: max_batch_size and batch_timeout set to our BATCH_SIZE and MAX_WAIT_MS), alternating;
-- the load generator's own CPU seconds per level (it shares the cores with the server);
+- the load generator's own CPU seconds per level (it shares the cores with the server); --client raw (the
+  default) writes prebuilt keep-alive HTTP/1.1 requests on asyncio streams, --client httpx uses httpx.AsyncClient;
 - with --ray: the same 20,000 rows as 4 csv files, scored by one process (a folder) and by Ray Data (--ray, a
   local Ray on this machine's cores), wall time of each command.
 
@@ -18,6 +19,7 @@ Uses the model bench/inference.py trains and exports into bench/runs/inference/ 
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -51,13 +53,15 @@ def file_scorer(out, runtime: str, source, target) -> float:
     return float(re.search(r"\((\d+) rows/s\)", done.stdout).group(1))
 
 
-async def load(url: str, texts: list[str], clients: int) -> tuple[float, list[float], float]:
+async def load(url: str, texts: list[str], clients: int, kind: str = "raw") -> tuple[float, list[float], float]:
     """Send each text once, one per request, from `clients` concurrent clients; return (rows/s, latencies, the
-    share of one core the client itself used)."""
+    share of one core the client itself used). kind: httpx (AsyncClient), or raw: keep-alive HTTP/1.1 over asyncio
+    streams, requests built ahead, so that the client takes less of the cores it shares with the server."""
     import httpx
 
     queue, latencies = list(reversed(texts)), []
     deadline = time.perf_counter() + LEVEL_SECONDS
+    host, port = url.removeprefix("http://").split(":")
 
     async def client(http):
         while queue and time.perf_counter() < deadline:
@@ -66,14 +70,36 @@ async def load(url: str, texts: list[str], clients: int) -> tuple[float, list[fl
             answer.raise_for_status()
             latencies.append(time.perf_counter() - started)
 
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=clients)) as http:
+    async def raw_client(requests: list[bytes]):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while requests and time.perf_counter() < deadline:
+                request, started = requests.pop(), time.perf_counter()
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                if not head.startswith(b"HTTP/1.1 200"):
+                    raise SystemExit(f"the server answered {head[:40]!r}")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                await reader.readexactly(length)
+                latencies.append(time.perf_counter() - started)
+        finally:
+            writer.close()
+
+    started, cpu = time.perf_counter(), time.process_time()
+    if kind == "raw":
+        requests = [b"POST /predict HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d"
+                    b"\r\n\r\n%s" % (url.encode(), len(body), body)
+                    for body in (json.dumps({"texts": [t]}).encode() for t in queue)]
         started, cpu = time.perf_counter(), time.process_time()
-        await asyncio.gather(*(client(http) for _ in range(clients)))
-        wall = time.perf_counter() - started
+        await asyncio.gather(*(raw_client(requests) for _ in range(clients)))
+    else:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=clients)) as http:
+            await asyncio.gather(*(client(http) for _ in range(clients)))
+    wall = time.perf_counter() - started
     return len(latencies) / wall, latencies, (time.process_time() - cpu) / wall
 
 
-def serve_once(out, runtime: str, texts: list[str], peer: str | None = None, code=ROOT) -> dict:
+def serve_once(out, runtime: str, texts: list[str], peer: str | None = None, code=ROOT, client: str = "raw") -> dict:
     """Start our server (or the peer; code: the checkout whose server runs), time until /health answers, run every
     load level, stop it with SIGTERM."""
     import httpx
@@ -94,9 +120,9 @@ def serve_once(out, runtime: str, texts: list[str], peer: str | None = None, cod
                     raise SystemExit("the server did not come up")
                 time.sleep(0.02)
         found = {"ready_s": time.perf_counter() - started}
-        asyncio.run(load(url, texts[:50], 1))  # warm-up
+        asyncio.run(load(url, texts[:50], 1, client))  # warm-up
         for clients in CLIENTS:
-            rate, latencies, client_cpu = asyncio.run(load(url, texts, clients))
+            rate, latencies, client_cpu = asyncio.run(load(url, texts, clients, client))
             latencies.sort()
             found[clients] = {"rows_s": rate, "p50_ms": 1000 * latencies[len(latencies) // 2],
                               "p99_ms": 1000 * latencies[int(len(latencies) * 0.99)], "sent": len(latencies),
@@ -139,13 +165,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peer", choices=("litserve",), help="also serve the model through this peer, alternating")
     parser.add_argument("--before", help="also serve with the code of this checkout (a git worktree), alternating")
+    parser.add_argument("--client", choices=("raw", "httpx"), default="raw",
+                        help="the load generator: raw HTTP/1.1 on asyncio streams (light), or httpx's AsyncClient")
     parser.add_argument("--ray", action="store_true", help="measure Ray against one process instead of the server")
     args = parser.parse_args()
     out = WORK / "inference"
     if not (out / "onnx").exists():
         raise SystemExit("no model in bench/runs/inference/onnx: run python bench/inference.py first")
     test = pd.read_parquet(ROOT / "bench/data/rotten-tomatoes/test.parquet")
-    print(f"CPU: {cpu_flags()} | runtime {args.runtime} | {len(test):,} test sentences", flush=True)
+    print(f"CPU: {cpu_flags()} | runtime {args.runtime} | {len(test):,} test sentences | {args.client} client",
+          flush=True)
     if args.ray:
         return ray_against_one_process(out, args.runtime, test)
     source, target = WORK / "serve-in.csv", WORK / "serve-out.csv"
@@ -157,7 +186,7 @@ def main() -> None:
         files.append(file_scorer(out, args.runtime, source, target))
         for name, found in servers.items():
             found.append(serve_once(out, args.runtime, texts, args.peer if name == args.peer else None,
-                                    args.before if name == "before" else ROOT))
+                                    args.before if name == "before" else ROOT, args.client))
             levels = " | ".join(f"{c} clients {found[-1][c]['rows_s']:.0f} rows/s, p50 {found[-1][c]['p50_ms']:.1f} "
                                 f"ms, p99 {found[-1][c]['p99_ms']:.1f} ms" for c in CLIENTS)
             print(f"  {name}: file scorer {files[-1]:.0f} rows/s | ready in {found[-1]['ready_s']:.2f}s | {levels}",

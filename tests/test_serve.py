@@ -226,6 +226,35 @@ def test_the_micro_batcher_batches_concurrent_callers_without_http():
     assert refused[0] == 503 and "MAX_QUEUE is 30" in refused[1] and count == 11  # 4 + 1 + 1 + 5 of the 21
 
 
+def test_a_batcher_with_two_streams_runs_two_batches_at_once_each_on_its_own():
+    import asyncio
+    import threading
+
+    meeting, used, lock = threading.Barrier(2, timeout=10), [], threading.Lock()  # only two batches at once pass it
+    running = []
+
+    def stream(name):
+        def score(texts):
+            with lock:
+                running.append(name)
+                assert running.count(name) == 1  # a stream never runs two batches at once
+            meeting.wait()  # breaks (and the test fails) unless the other stream is scoring at the same time
+            with lock:
+                running.remove(name)
+                used.append((name, list(texts)))
+            return [len(t) for t in texts]
+        return score
+
+    async def callers():
+        batcher = pst.MicroBatcher([stream("a"), stream("b")], max_batch=2, max_wait_s=0.0)
+        async with batcher:
+            return await asyncio.gather(*(batcher.submit(["x" * i]) for i in range(1, 5))), batcher.batches
+
+    answers, count = asyncio.run(asyncio.wait_for(callers(), 30))
+    assert answers == [[1], [2], [3], [4]] and count == 2  # 2 batches of 2, one on each stream, side by side
+    assert sorted(name for name, _ in used) == ["a", "b"]
+
+
 # A hostile world: bad texts, floods, clients that leave, slow and many connections, strangers, web pages ---------
 
 
