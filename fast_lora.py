@@ -5,13 +5,15 @@ loss and the dropout rate stay what they were:
 - every dropout (peft's on each LoRA input, and the encoder's own) draws its mask from 16 random bits an element
   instead of torch's bernoulli_ (p rounded to 1/65536); layers that read the same tensor (query, key and value)
   share its mask, as one dropout of their common input;
-- each fp32 LoRA layer adds its x A^T B^T * scale in one autograd function: the scale is applied to the rank-r
-  product, the sum is one addmm, and the weight gradients are taken in the orientation CPU matmuls are fast at.
+- each LoRA layer (fp32, or under autocast) adds its x A^T B^T * scale in one autograd function: the scale is
+  applied to the rank-r product, the sum is one addmm, and the weight gradients are taken in the orientation CPU
+  matmuls are fast at; under autocast its products run in autocast's dtype, as peft's would.
 
 The masks are another draw of the same rate; the LoRA layers compute peft's sums in another order (tested against
-peft's outputs and gradients). The saved adapter is plain peft. Under autocast (bf16, fp16), for DoRA, LoRA biases
-and fan-in-fan-out layers peft's own forward runs. The fused layer plugs into peft's LoraVariant hook, which peft
-calls private: where the hook is not what this file expects, apply() warns once and leaves peft's step in place.
+peft's outputs and gradients, in fp32 and under bf16 autocast). The saved adapter is plain peft. For DoRA, LoRA
+biases, fan-in-fan-out layers and weights loaded in a low precision, peft's own forward runs. The fused layer plugs
+into peft's LoraVariant hook, which peft calls private: where the hook is not what this file expects, apply() warns
+once and leaves peft's step in place.
 
     import fast_lora
     fast_lora.apply(peft_model)  # True: the fused LoRA layers are in use
@@ -101,23 +103,32 @@ class Dropout(torch.nn.Module):
 
 
 class LoraProduct(torch.autograd.Function):
-    """result + (x A^T * scale) B^T, with both weight gradients as grad^T @ input (fast on CPU matmuls)."""
+    """result + (x A^T * scale) B^T, with both weight gradients as grad^T @ input (fast on CPU matmuls). Under
+    autocast its products run in autocast's dtype (bf16, fp16), as autocast would run peft's Linear layers: inputs
+    and weights cast down once, the weight gradients handed back in the weights' own dtype."""
 
     @staticmethod
     def forward(ctx, x, result, a, b, scale):
-        x2 = x.reshape(-1, x.shape[-1])
-        low = (x2 @ a.t()).mul_(scale)
-        ctx.save_for_backward(x2, low, a, b)
-        ctx.scale, ctx.shape = scale, x.shape
-        return torch.addmm(result.reshape(-1, result.shape[-1]), low, b.t()).view(result.shape)
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else result.dtype
+        with torch.autocast(device, enabled=False):  # the casts are ours, made once
+            x2, a_, b_ = x.reshape(-1, x.shape[-1]).to(dtype), a.to(dtype), b.to(dtype)
+            low = (x2 @ a_.t()).mul_(scale)
+            found = torch.addmm(result.reshape(-1, result.shape[-1]).to(dtype), low, b_.t()).view(result.shape)
+        ctx.save_for_backward(x2, low, a_, b_)
+        ctx.scale, ctx.shape, ctx.dtypes = scale, x.shape, (x.dtype, result.dtype, a.dtype, b.dtype)
+        return found
 
     @staticmethod
     def backward(ctx, grad):
         x2, low, a, b = ctx.saved_tensors
-        grad2 = grad.reshape(-1, grad.shape[-1])
-        grad_low = (grad2 @ b).mul_(ctx.scale)
-        grad_x = (grad_low @ a).view(ctx.shape) if ctx.needs_input_grad[0] else None
-        return grad_x, grad, grad_low.t() @ x2, (low.t() @ grad2).t(), None
+        x_dtype, result_dtype, a_dtype, b_dtype = ctx.dtypes
+        with torch.autocast(grad.device.type, enabled=False):
+            grad2 = grad.reshape(-1, grad.shape[-1]).to(low.dtype)
+            grad_low = (grad2 @ b).mul_(ctx.scale)
+            grad_x = (grad_low @ a).view(ctx.shape).to(x_dtype) if ctx.needs_input_grad[0] else None
+            return (grad_x, grad.to(result_dtype), (grad_low.t() @ x2).to(a_dtype),
+                    (low.t() @ grad2).t().to(b_dtype), None)
 
 
 class FusedLora(LoraVariant):
@@ -143,6 +154,7 @@ class FusedLora(LoraVariant):
     def forward(module, active_adapter, x, result, **kwargs):
         a, b = module.lora_A[active_adapter], module.lora_B[active_adapter]
         dropped, scale = module.lora_dropout[active_adapter](x), module.scaling[active_adapter]
-        if torch.is_autocast_enabled(x.device.type) or not x.dtype == a.weight.dtype == result.dtype:
-            return result + b(a(dropped)) * scale  # peft's vanilla LoRA
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast and not x.dtype == a.weight.dtype == result.dtype:
+            return result + b(a(dropped)) * scale  # peft's vanilla LoRA, as for a model loaded in bf16
         return LoraProduct.apply(dropped, result, a.weight, b.weight, scale)
