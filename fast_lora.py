@@ -1,13 +1,16 @@
 """The fast LoRA training step: the numerics behind fine_tune_sentiment.py's FAST_STEP, kept out of the story.
 
-Two rewrites of a peft LoRA model's training step that cut its time on a CPU (bench/lora_step.py); the model, the
-loss and the dropout rate stay what they were:
-- every dropout (peft's on each LoRA input, and the encoder's own) draws its mask from 16 random bits an element
-  instead of torch's bernoulli_ (p rounded to 1/65536); layers that read the same tensor (query, key and value)
-  share its mask, as one dropout of their common input;
+Three rewrites of a peft LoRA model's training step that cut its time on a CPU (bench/lora_step.py); the model, the
+loss and the dropout rates stay what they were:
+- every dropout (peft's on each LoRA input, the encoder's own and its attention's) draws its mask from 16 random bits
+  an element instead of torch's bernoulli_ (p rounded to 1/65536); layers that read the same tensor (query, key and
+  value) share one dropped copy of it, as one dropout of their common input;
+- attention with dropout, training on a CPU, runs as softmax, mask, matmul in place of SDPA's math kernel and its
+  bernoulli_ (with no dropout, in evaluation and off the CPU, SDPA runs as before);
 - each LoRA layer (fp32, or under autocast) adds its x A^T B^T * scale in one autograd function: the scale is
   applied to the rank-r product, the sum is one addmm, and the weight gradients are taken in the orientation CPU
-  matmuls are fast at; under autocast its products run in autocast's dtype, as peft's would.
+  matmuls are fast at; under autocast its products run in autocast's dtype, as peft's would, and its input is not
+  cast up to the LoRA weights' fp32 first (peft's cast, a copy of each bf16 activation there and back).
 
 The masks are another draw of the same rate; the LoRA layers compute peft's sums in another order (tested against
 peft's outputs and gradients, in fp32 and under bf16 autocast). The saved adapter is plain peft. For DoRA, LoRA
@@ -37,6 +40,8 @@ except ImportError:  # a peft without the hook: hook_is_usable() says so, apply(
 
 HOOK = ("init", "merge_safe", "merge_unsafe", "unmerge", "forward")  # the LoraVariant methods peft calls
 FORWARD_ARGS = ["module", "active_adapter", "x", "result", "kwargs"]  # how peft calls LoraVariant.forward
+ATTENTION = "sdpa_cheap_dropout"  # the name cheap_attention is registered under with transformers
+CASTS: dict = {}  # reused()'s entry for FusedLora's casts under autocast
 log = logging.getLogger("sentiment")
 
 
@@ -53,6 +58,7 @@ def apply(model) -> bool:
         for name, child in list(module.named_children()):
             if type(child) is torch.nn.Dropout and 0 < child.p < 1:
                 setattr(module, name, Dropout(child.p, None))  # the encoder's own: attention reads its .p only
+    use_cheap_attention(model)
     if not hook_is_usable(layers):
         warn_once("warning: peft's LoraVariant hook is not what fast_lora.py expects (a newer peft?); training "
                   "with peft's own LoRA step (slower on a CPU, same results)")
@@ -61,7 +67,23 @@ def apply(model) -> bool:
     for layer in fused:
         layer.lora_variant.update({name: FusedLora() for name in layer.lora_A if name not in layer.lora_variant
                                    and not layer.lora_bias[name]})
+        if all(isinstance(layer.lora_variant.get(name), FusedLora) for name in layer.lora_A):
+            layer.cast_input_dtype_enabled = False  # FusedLora casts what it needs, once
     return bool(fused)
+
+
+def use_cheap_attention(model) -> None:
+    """Point the model's SDPA attention at cheap_attention (its masks too: the same boolean ones)."""
+    from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedConfig
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ATTENTION, functools.partial(cheap_attention, fallback=sdpa_attention_forward))
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PreTrainedConfig) and config._attn_implementation == "sdpa":
+            config._attn_implementation = ATTENTION
 
 
 def hook_is_usable(layers: list) -> bool:
@@ -80,9 +102,47 @@ def warn_once(message: str) -> None:
     log.warning(message)
 
 
+def cheap_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                    *, fallback, **kwargs):
+    """transformers' attention interface: with dropout, training on a CPU, a bidirectional attention with no
+    position bias or grouped heads as softmax, cheap dropout (dropped()), matmul; otherwise fallback (SDPA)."""
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal  # as SDPA's wrapper reads it
+    plain = not (causal or kwargs.get("position_bias") is not None or kwargs.get("output_attentions")
+                 or getattr(module, "num_key_value_groups", 1) > 1)
+    if not (dropout and module.training and query.device.type == "cpu" and plain):
+        return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scores = torch.matmul(query, key.transpose(2, 3)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:  # SDPA's: True where a key takes part, or a float to add
+        scores = scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
+            else scores + attention_mask
+    weights = dropped(torch.softmax(scores, dim=-1).to(value.dtype), dropout)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+
+
+def dropped(x, p: float):
+    """x with a fraction p (rounded to 1/65536) of its elements zeroed, drawn from 16 random bits an element, and the
+    rest scaled by 1/(1-p); in a low precision the scale is applied as a number (a mask of it would be rounded)."""
+    bits = torch.empty(-(-x.numel() // 4), dtype=torch.int64, device=x.device).random_(-2**63, None)  # 64 bits each
+    threshold = round(p * 65536)
+    keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= threshold - 32768
+    scale = 65536 / (65536 - threshold)
+    return x * keep.to(x.dtype).mul_(scale) if torch.finfo(x.dtype).bits >= 32 else (x * keep).mul_(scale)
+
+
+def reused(last: dict, x, key, make):
+    """make(), or what it gave for the last call with this very tensor x and key (query, key and value read one
+    input): one entry, replaced whole (so threads never mix two), holding x weakly (freed as usual)."""
+    seen, seen_key, found = last.get("entry", (lambda: None, None, None))
+    if seen() is not x or seen_key != key:
+        found = make()
+        last["entry"] = (weakref.ref(x), key, found)
+    return found
+
+
 class Dropout(torch.nn.Module):
-    """Dropout with masks from 16 random bits an element; with `last` (a dict shared by the LoRA layers), layers
-    that read the same input tensor use the same mask."""
+    """Dropout by dropped(); with `last` (a dict shared by the LoRA layers), layers that read the same input tensor
+    get the same dropped tensor, one mask and one product for all of them."""
 
     def __init__(self, p: float, last: dict | None):
         super().__init__()
@@ -91,15 +151,9 @@ class Dropout(torch.nn.Module):
     def forward(self, x):
         if not self.training:
             return x
-        if self.last is None or self.last.get("input", lambda: None)() is not x:
-            bits = torch.randint(-2**63, 2**63 - 1, (-(-x.numel() // 4),), dtype=torch.int64, device=x.device)
-            threshold = round(self.p * 65536)
-            keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= threshold - 32768
-            mask = keep.to(x.dtype).mul_(65536 / (65536 - threshold))
-            if self.last is None:
-                return x * mask
-            self.last.update(input=weakref.ref(x), mask=mask)  # weak: the step's tensors are freed as usual
-        return x * self.last["mask"]
+        if self.last is None:
+            return dropped(x, self.p)
+        return reused(self.last, x, (self.p, torch.is_grad_enabled()), lambda: dropped(x, self.p))
 
 
 class LoraProduct(torch.autograd.Function):
@@ -153,8 +207,11 @@ class FusedLora(LoraVariant):
     @staticmethod
     def forward(module, active_adapter, x, result, **kwargs):
         a, b = module.lora_A[active_adapter], module.lora_B[active_adapter]
-        dropped, scale = module.lora_dropout[active_adapter](x), module.scaling[active_adapter]
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if not autocast and not x.dtype == a.weight.dtype == result.dtype:
-            return result + b(a(dropped)) * scale  # peft's vanilla LoRA, as for a model loaded in bf16
-        return LoraProduct.apply(dropped, result, a.weight, b.weight, scale)
+        dropout, scale = module.lora_dropout[active_adapter], module.scaling[active_adapter]
+        device = x.device.type
+        if not torch.is_autocast_enabled(device) and not x.dtype == a.weight.dtype == result.dtype:
+            return result + b(a(dropout(x.to(a.weight.dtype)))) * scale  # peft's vanilla LoRA (weights in bf16)
+        if torch.is_autocast_enabled(device) and x.dtype != torch.get_autocast_dtype(device):
+            dtype = torch.get_autocast_dtype(device)  # cast down once for the layers reading x, then dropped
+            x = reused(CASTS, x, (dtype, torch.is_grad_enabled()), functools.partial(x.to, dtype))
+        return LoraProduct.apply(dropout(x), result, a.weight, b.weight, scale)
