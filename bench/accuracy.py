@@ -100,6 +100,9 @@ def main() -> None:
                         "winner); repeat it to compare several against the same full fine-tuning runs")
     parser.add_argument("--reuse-full", action="store_true", help="take full fine-tuning's runs of the same seeds "
                         "from results.jsonl (the latest of each) instead of training them again")
+    parser.add_argument("--first-seed", type=int, default=1, help="the seeds are FIRST_SEED to FIRST_SEED+SEEDS-1")
+    parser.add_argument("--lora-only", action="store_true", help="no full fine-tuning runs (more seeds of --lora, "
+                        "or --lora against an earlier checkout's)")
     args = parser.parse_args()
     import predict_sentiment as pst
 
@@ -129,16 +132,23 @@ def main() -> None:
         configs = [max(candidates, key=lambda c: c[0])[1]]  # the best on validation: combination, lever or base
     print(f"Final, {args.seeds} seeds, test scored once per run: LoRA " + " | ".join(map(" ".join, configs)), flush=True)
     finals = {"full": []} | {i: [] for i in range(len(configs))}
-    for seed in range(1, args.seeds + 1):  # alternate, so drift in machine load hits all alike
+    for seed in range(args.first_seed, args.first_seed + args.seeds):  # alternate: drift hits all alike
         for i, flags in enumerate(configs):
             finals[i].append(record(f"final LoRA {' '.join(flags)} seed {seed}", run_once(
                 f"acc-final-lora{i}-{seed}", ours(model, final, flags, seed))))
+        if args.lora_only:
+            continue
         name = f"final full fine-tuning seed {seed}{' --bf16' if bf16 else ''}"
         earlier = [row for row in earlier_runs() if row["name"] == name] if args.reuse_full else []
         finals["full"].append(earlier[-1] if earlier else record(name, run_once(
             f"acc-final-full-{seed}", full(model, final, seed, bf16))))
     median = {n: {k: statistics.median(r[k] for r in rows) for k in ("accuracy", "train_seconds")}
-              for n, rows in finals.items()}
+              for n, rows in finals.items() if rows}
+    if args.lora_only:
+        for i, flags in enumerate(configs):
+            print(f"LoRA {' '.join(flags)}: test accuracy {median[i]['accuracy']:.4f}, training "
+                  f"{median[i]['train_seconds']:.0f} s (median of {args.seeds})")
+        return
     anchor = median["full"]
     print(f"\n| run (median of {args.seeds}) | test accuracy | training s | vs full fine-tuning |\n|---|---|---|---|")
     print(f"| full fine-tuning, 3 epochs, lr 5e-5 | {anchor['accuracy']:.4f} | {anchor['train_seconds']:.0f} | 1.00x |")

@@ -13,6 +13,7 @@ probe picks on this CPU; it is fp32 where bf16 is emulated, and then not run twi
     python bench/lora_step.py --repeats 2
     ../shared/cpu-class avx2 python bench/lora_step.py   # as an AVX2-only machine runs it
     python bench/lora_step.py --profile "all-linear, dropout 0"   # where the time of one variant goes
+    python bench/lora_step.py --precisions bf16 --before ../earlier   # the LoRA variants with an earlier checkout too
 """
 
 import argparse
@@ -39,6 +40,7 @@ VARIANTS = {  # name: (LoRA targets or None for full fine-tuning, lora_dropout, 
     "all-linear, dropout 0": (["all-linear"], 0.0, False),
 }
 BATCH, TOKENS = 32, 40
+BEFORE = " (before)"  # a variant run with --before's checkout
 
 
 def step_times(name: str, precision: str, steps: int, profile: bool = False) -> list[float]:
@@ -98,6 +100,8 @@ def main() -> None:
                         help="a subset of the variants (default: all; full fine-tuning is always run)")
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), help="default: fp32 and auto's")
     parser.add_argument("--profile", metavar="VARIANT", help="print torch.profiler's table for one variant (fp32)")
+    parser.add_argument("--before", type=Path, metavar="DIR", help="also run the LoRA variants with the checkout in "
+                        "DIR (an earlier commit's worktree), alternating with this one's")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(step_times(args.one[0], args.one[1], args.steps)))
@@ -116,10 +120,14 @@ def main() -> None:
           f"batch {BATCH} x {TOKENS} tokens, median of {args.steps} steps, {args.repeats} alternating repeats",
           flush=True)
     found = {(n, p): [] for p in precisions for n in VARIANTS if n in {"full fine-tuning", *args.variants}}
+    if args.before:
+        found |= {(n + BEFORE, p): [] for n, p in list(found) if VARIANTS[n][0]}
     for _ in range(args.repeats):
         for name, precision in found:
-            out = subprocess.run([sys.executable, __file__, "--one", name, precision, "--steps", str(args.steps)],
-                                 capture_output=True, text=True, cwd=ROOT, check=True).stdout
+            root = args.before.resolve() if name.endswith(BEFORE) else ROOT
+            out = subprocess.run([sys.executable, str(root / "bench" / "lora_step.py"), "--one",
+                                  name.removesuffix(BEFORE), precision, "--steps", str(args.steps)],
+                                 capture_output=True, text=True, cwd=root, check=True).stdout
             found[name, precision].append(statistics.median(json.loads(out.strip().splitlines()[-1])))
             print(f"  {name}, {precision}: {found[name, precision][-1] * 1000:.0f} ms", flush=True)
     print("\n| variant | precision | ms/step (median) | vs full fine-tuning |\n|---|---|---|---|")
