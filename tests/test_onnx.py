@@ -18,7 +18,9 @@ from helpers import digest, fails_with
 
 pytest.importorskip("onnxruntime")
 ROOT = Path(fts.__file__).parent
-INT8_PROBABILITY_GAP = 0.3
+INT8_PROBABILITY_GAP = 0.3  # a text whose fp32 probability is this far from 0.5 is clear: int8 keeps its label
+INT8_MEAN_GAP = 0.03  # int8 against fp32, the mean over the test texts of the probability's move
+INT8_CLEAR_GAP = 0.2  # the largest move of a clear text's probability
 INT8_BATCH_GAP = 1e-5  # float sums in another order: measured under 1e-6
 LONG = "the movie was great " + "the plot and the acting " * 20 + "awful , the worst"  # longer than 32 tokens
 
@@ -47,10 +49,12 @@ def test_int8_agrees_with_fp32(exported, imdb_folder, runtime):
     texts = list(pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*"))).text) + [LONG]
     full = pst.softmax(fts.logits(*pst.load_onnx(exported / "onnx", int8=False), texts))[:, 1]
     small = pst.softmax(fts.logits(*pst.load_exported(exported / "onnx", runtime), texts))[:, 1]
-    # int8 moved this model's probabilities by up to 0.18 (AMX, bf16 fixture), static as dynamic
-    assert np.abs(full - small).max() <= INT8_PROBABILITY_GAP
-    clear = np.abs(full - 0.5) > INT8_PROBABILITY_GAP  # only a near-tie may change its label
-    assert clear.sum() >= 150 and ((full > 0.5) == (small > 0.5))[clear].all()
+    # the tiny model is steep (logits of 10): near a tie int8 moved a probability by up to 0.41 (0.39 -> 0.81, AMX,
+    # bf16 fixture), so only a clear text's probability and label are held; on average int8 moved them by 0.006-0.008
+    gap, clear = np.abs(full - small), np.abs(full - 0.5) > INT8_PROBABILITY_GAP
+    assert gap.mean() <= INT8_MEAN_GAP
+    assert clear.sum() >= 150 and gap[clear].max() <= INT8_CLEAR_GAP  # measured up to 0.095 (AMX, fp32 fixture)
+    assert ((full > 0.5) == (small > 0.5))[clear].all()  # only a near-tie may change its label
 
 
 @pytest.mark.parametrize("runtime", ["onnx-int8", "openvino"])
