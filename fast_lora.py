@@ -74,16 +74,24 @@ def apply(model) -> bool:
 
 def use_cheap_attention(model) -> None:
     """Point the model's SDPA attention at cheap_attention (its masks too: the same boolean ones)."""
-    from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedConfig
+    from transformers import PreTrainedConfig
+
+    register_cheap_attention()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PreTrainedConfig) and config._attn_implementation == "sdpa":
+            config._attn_implementation = ATTENTION
+
+
+@functools.cache
+def register_cheap_attention() -> None:
+    """Register cheap_attention, and SDPA's masks, with transformers under the name ATTENTION (once a process)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(ATTENTION, functools.partial(cheap_attention, fallback=sdpa_attention_forward))
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if isinstance(config, PreTrainedConfig) and config._attn_implementation == "sdpa":
-            config._attn_implementation = ATTENTION
 
 
 def hook_is_usable(layers: list) -> bool:
@@ -209,9 +217,9 @@ class FusedLora(LoraVariant):
         a, b = module.lora_A[active_adapter], module.lora_B[active_adapter]
         dropout, scale = module.lora_dropout[active_adapter], module.scaling[active_adapter]
         device = x.device.type
-        if not torch.is_autocast_enabled(device) and not x.dtype == a.weight.dtype == result.dtype:
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        if dtype is None and not x.dtype == a.weight.dtype == result.dtype:
             return result + b(a(dropout(x.to(a.weight.dtype)))) * scale  # peft's vanilla LoRA (weights in bf16)
-        if torch.is_autocast_enabled(device) and x.dtype != torch.get_autocast_dtype(device):
-            dtype = torch.get_autocast_dtype(device)  # cast down once for the layers reading x, then dropped
+        if dtype is not None and x.dtype != dtype:  # cast down once for the layers reading x, then dropped
             x = reused(CASTS, x, (dtype, torch.is_grad_enabled()), functools.partial(x.to, dtype))
         return LoraProduct.apply(dropout(x), result, a.weight, b.weight, scale)

@@ -24,6 +24,7 @@ import os
 import platform
 import queue
 import re
+import statistics
 import sys
 import time
 import unicodedata
@@ -1547,24 +1548,28 @@ def cpu_may_have_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return flags is None or bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
-def bf16_speedup(width: int, seconds: float = 0.2) -> float:
-    """Time width-wide matmuls on this CPU in fp32 and in bf16; return how many times faster bf16 ran."""
+def bf16_speedup(width: int, seconds: float = 0.2, rounds: int = 5) -> float:
+    """Time width-wide matmuls on this CPU in fp32 and in bf16, taking turns over rounds (seconds each in all);
+    return how many times faster bf16 ran, in the median round. A moment's load (another process starting) then
+    spoils one round, not one dtype's whole timing: timed once each, a stall in fp32's 0.2 s read a CPU whose bf16
+    runs 0.55x as 1.32x, and auto trained in bf16 (bench/README.md, AVX-512-BF16, 2026-12-02)."""
     import torch
 
     width = max(width, 256)  # at a tiny test model's width the timing would be all overhead
     draw = torch.Generator().manual_seed(0)  # its own: the probe leaves the seeded stream (LoRA's init) alone
     x, w = torch.randn(128, width, generator=draw), torch.randn(width, width, generator=draw)
-
-    def seconds_per_call(dtype) -> float:
-        a, b = x.to(dtype), w.to(dtype)
+    pairs = [(x.to(dtype), w.to(dtype)) for dtype in (torch.float32, torch.bfloat16)]
+    for a, b in pairs:
         a @ b  # warm-up: the first bf16 call picks and builds its kernel
+
+    def seconds_per_call(a, b) -> float:
         calls, start = 0, time.perf_counter()
-        while calls == 0 or time.perf_counter() - start < seconds:  # without fast bf16 one call can take 0.1 s
+        while calls == 0 or time.perf_counter() - start < seconds / rounds:  # without fast bf16 a call can take 0.1 s
             a @ b
             calls += 1
         return (time.perf_counter() - start) / calls
 
-    return seconds_per_call(torch.float32) / seconds_per_call(torch.bfloat16)
+    return statistics.median(seconds_per_call(*pairs[0]) / seconds_per_call(*pairs[1]) for _ in range(rounds))
 
 
 def choose_precision(requested: str, has_gpu: bool, gpu_has_bf16: bool = False, speedup: float | None = None) -> str:

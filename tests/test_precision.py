@@ -1,5 +1,6 @@
 """PRECISION: auto follows a measured probe; bf16 trains and predicts like fp32; fp16 needs a GPU."""
 
+import collections
 import json
 from pathlib import Path
 
@@ -67,6 +68,22 @@ def test_probe_is_the_ratio_of_measured_matmul_times(monkeypatch, slow, faster):
 
     monkeypatch.setattr(torch.Tensor, "__matmul__", slowed)
     assert faster(pst.bf16_speedup(64, seconds=0.02))
+
+
+def test_probe_is_not_fooled_by_a_moment_s_stall(monkeypatch):
+    import time
+
+    import torch
+
+    matmul, calls = torch.Tensor.__matmul__, collections.Counter()
+
+    def timed(a, b):  # bf16 made 10 ms slower a call; fp32's first timed call stalls 0.3 s once (a process starting)
+        calls[a.dtype] += 1
+        time.sleep(0.01 if a.dtype == torch.bfloat16 else 0.3 if calls[a.dtype] == 2 else 0)
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", timed)
+    assert pst.bf16_speedup(64, seconds=0.05) < 1  # timed once each, the stall made bf16 look 21x faster
 
 
 @pytest.mark.skipif(GPU, reason="fp16 runs on a GPU")
