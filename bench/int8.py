@@ -51,7 +51,7 @@ def main() -> None:
     forwards = {"onnx fp32": model.session_forward, "onnx-int8 (static, the export)":
                 pst.load_exported(onnx, "onnx-int8")[0].session_forward,
                 "openvino (static, the export)": pst.load_exported(onnx, "openvino")[0].session_forward,
-                "onnx int8, dynamic (before)": pst.onnxruntime_forward(str(dynamic), 0)}
+                "onnx int8, dynamic (before)": pst.onnxruntime_forward(str(dynamic), 0)[0]}
     rates = {name: [] for name in forwards}
     for _ in range(args.repeats):
         for name, forward in forwards.items():
