@@ -14,11 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
+import conftest
 import evaluation
 import fine_tune_sentiment as fts
 import predict_sentiment as pst
-from conftest import make_reviews, precision_flags, sorted_by_label
-from helpers import fails_with
+from conftest import PROBES, make_reviews, precision_flags, sorted_by_label
+from helpers import BF16_LOSS_GAP, fails_with
 
 ROOT = Path(fts.__file__).parent
 
@@ -73,6 +74,20 @@ def test_temperature_recovers_a_known_scale_and_ece_sees_overconfidence():
     assert evaluation.ece(logits, labels) < 0.02 < 0.1 < evaluation.ece(logits * 3, labels)
 
 
+def test_calibration_folds_one_over_the_temperature_into_the_head(tiny_model, monkeypatch):
+    model = fts.build_model(tiny_model, None, 8, 16, 0.0).eval()
+    tokenizer = fts.load_tokenizer(tiny_model, 32, None)
+    before = fts.logits(model, tokenizer, PROBES)
+    rng = np.random.default_rng(0)
+    held = rng.normal(size=(2000, 2)) * 2
+    p = np.exp(held) / np.exp(held).sum(axis=1, keepdims=True)
+    labels = np.array([rng.choice(2, p=row) for row in p])  # calibrated at T = 1, so held * 3 needs T = 3
+    monkeypatch.setattr(fts, "score_reviews", lambda trainer, split, prefix: fts.Reviews(held * 3, labels, None, {}))
+    found = fts.calibrate(model, None, {"validation": None})
+    assert found.temperature == pytest.approx(3.0, rel=0.1)
+    np.testing.assert_allclose(fts.logits(model, tokenizer, PROBES), before / found.temperature, rtol=1e-4, atol=1e-5)
+
+
 def test_calibration_is_fitted_on_validation_and_saved_in_the_head(trained, imdb_folder, tmp_path):
     found = trained["metrics"]["calibration"]
     assert found["validation_nll_after"] <= found["validation_nll_before"]
@@ -86,9 +101,12 @@ def test_calibration_is_fitted_on_validation_and_saved_in_the_head(trained, imdb
     assert fts.main(["--output-dir", str(out), "--dataset-name", imdb_folder, "--eval-only", "--quiet",
                      *precision_flags()]) == 0
     again = json.loads((out / "eval_metrics.json").read_text())["eval_loss"]
-    # nearer the calibrated loss than the uncalibrated one (measured in fp32: temperature 0.905, the two 0.009 apart;
-    # eval-only batches the rows differently, which in bf16 moves a loss by more than in fp32)
-    assert abs(again - found["test_nll_after"]) < abs(again - found["test_nll_before"])
+    # nearer the calibrated loss than the uncalibrated one (measured in fp32: temperature 0.905, the two 0.009 apart).
+    # eval-only batches the rows differently, which moves a bf16 loss: in CI's bf16 pass on an Intel AVX-512-BF16 CPU
+    # the saved adapter's was 0.0004 from the calibrated loss and 0.0003 from the other, so bf16 has slack. That the
+    # head holds 1/T is test_calibration_folds_one_over_the_temperature_into_the_head's to check
+    slack = BF16_LOSS_GAP if conftest.PRECISION == "bf16" else 0
+    assert abs(again - found["test_nll_after"]) < abs(again - found["test_nll_before"]) + slack
 
 
 def test_calibrate_off(run_args, tmp_path):
