@@ -433,12 +433,8 @@ def logits(model, tokenizer, texts: list[str], batch_size: int = 32, precision: 
             chunk = texts[span:span + 16 * batch_size]
             encoded = encode(tokenizer, chunk)
             owner = np.array(encoded.pop("owner", range(len(chunk))))
-            rows = np.zeros((len(owner), found.shape[1]), dtype=np.float32)
-            order = sorted(range(len(owner)), key=lambda i: -len(encoded["input_ids"][i]))
-            jobs = []
-            for start in range(0, len(order), batch_size):
-                chosen = order[start:start + batch_size]
-                batch = pad({key: [ids[i] for i in chosen] for key, ids in encoded.items()}, tokenizer.pad_token_id)
+            rows, jobs = np.zeros((len(owner), found.shape[1]), dtype=np.float32), []
+            for chosen, batch in length_batches(encoded, batch_size, tokenizer.pad_token_id):
                 if pool is None:
                     run(batch, rows, chosen)
                 else:
@@ -451,6 +447,14 @@ def logits(model, tokenizer, texts: list[str], batch_size: int = 32, precision: 
     if bar is not None:
         bar.close()
     return found
+
+
+def length_batches(encoded: dict, batch_size: int, pad_id: int):
+    """encoded's rows in padded batches of similar token counts, longest first: (the rows' indices, the batch)."""
+    order = sorted(range(len(encoded["input_ids"])), key=lambda i: -len(encoded["input_ids"][i]))
+    for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        yield chosen, pad({key: [ids[i] for i in chosen] for key, ids in encoded.items()}, pad_id)
 
 
 def encode(tokenizer, texts: list[str]) -> dict:
