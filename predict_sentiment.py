@@ -70,6 +70,9 @@ PREDICTIONS_FILE_TYPES = (".csv", ".jsonl", ".parquet")  # and writes these
 OUTPUT_TYPE = {".tsv": ".csv", ".txt": ".csv", ".json": ".jsonl"}  # in a folder, files of these types become these
 CHUNK_ROWS = 10_000  # --predict-file reads, scores and writes this many rows at a time
 MAX_WINDOWS = 16  # TRUNCATION=window: a review is read as at most this many windows, spread over it
+SHORTEST_IN_BATCH = 0.9  # an export's batch holds no row shorter than this share of its longest: the server's
+# batches of 8 texts of any length ran at 1.6x the rows/s cut so, on ONNX Runtime (bench/README.md); torch's calls
+# cost more than the padding they would save there, and its batches are cut by BATCH_SIZE alone
 CHARS_PER_TOKEN = 32  # reviews are cut to this many characters a token of MAX_LENGTH before tokenizing: generous
 DELIMITER = {".csv": ",", ".tsv": "\t"}
 log = logging.getLogger("sentiment")
@@ -141,7 +144,7 @@ def run_serve(config: dict) -> None:
     refuses the rest (503) and exits 1, saying how many."""
     import signal
 
-    need_package("fastapi", "uvicorn", "httptools", "prometheus_client", what="--serve",
+    need_package("starlette", "uvicorn", "httptools", "prometheus_client", what="--serve",
                  requirements="requirements-serve.txt")
     import uvicorn
 
@@ -406,6 +409,7 @@ def logits(model, tokenizer, texts: list[str], batch_size: int = 32, precision: 
     forwards = getattr(model, "session_streams", None) or [
         model.session_forward if hasattr(model, "session_forward") else torch_forward(model, precision)]
     texts = list(texts)  # a datasets column, a pandas series
+    shortest = SHORTEST_IN_BATCH if hasattr(model, "session_forward") else 0.0  # an export's call costs little
     found = np.zeros((len(texts), len(model.config.id2label)), dtype=np.float32)
     bar = progress_bar(total=len(texts), unit=" texts") if progress else None
     free, pending = queue.SimpleQueue(), collections.deque()  # the streams not running a batch; spans not summed
@@ -434,7 +438,7 @@ def logits(model, tokenizer, texts: list[str], batch_size: int = 32, precision: 
             encoded = encode(tokenizer, chunk)
             owner = np.array(encoded.pop("owner", range(len(chunk))))
             rows, jobs = np.zeros((len(owner), found.shape[1]), dtype=np.float32), []
-            for chosen, batch in length_batches(encoded, batch_size, tokenizer.pad_token_id):
+            for chosen, batch in length_batches(encoded, batch_size, tokenizer.pad_token_id, shortest):
                 if pool is None:
                     run(batch, rows, chosen)
                 else:
@@ -449,11 +453,16 @@ def logits(model, tokenizer, texts: list[str], batch_size: int = 32, precision: 
     return found
 
 
-def length_batches(encoded: dict, batch_size: int, pad_id: int):
-    """encoded's rows in padded batches of similar token counts, longest first: (the rows' indices, the batch)."""
-    order = sorted(range(len(encoded["input_ids"])), key=lambda i: -len(encoded["input_ids"][i]))
-    for start in range(0, len(order), batch_size):
-        chosen = order[start:start + batch_size]
+def length_batches(encoded: dict, batch_size: int, pad_id: int, shortest: float = 0.0):
+    """encoded's rows in padded batches of similar token counts, longest first: (the rows' indices, the batch). A
+    batch holds at most batch_size rows, and none shorter than `shortest` times its longest (0: any length)."""
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    order, start = sorted(range(len(lengths)), key=lambda i: -lengths[i]), 0
+    while start < len(order):
+        end = start + 1
+        while end < min(len(order), start + batch_size) and lengths[order[end]] >= shortest * lengths[order[start]]:
+            end += 1
+        chosen, start = order[start:end], end
         yield chosen, pad({key: [ids[i] for i in chosen] for key, ids in encoded.items()}, pad_id)
 
 
@@ -1098,23 +1107,22 @@ $("send").onclick = async () => {
 
 
 def build_app(score, names: list[str], config: dict, threshold: float | None = None):
-    """A FastAPI app: POST /predict and POST / (the Hugging Face Inference format) score texts with score(texts) ->
+    """A Starlette app: POST /predict and POST / (the Hugging Face Inference format) score texts with score(texts) ->
     logits (or a list of such functions, one per stream: see MicroBatcher), batched across concurrent requests by a
     MicroBatcher; /predict labels with the saved threshold; GET / is a page to try the model; GET /health answers
     during a long batch and says when the queue is full; GET /metrics is Prometheus'. Guard checks the key and
-    content type, and counts."""
-    from fastapi import FastAPI
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    content type, and counts. Plain Starlette: FastAPI's layers (validation, its middleware) cost the event loop
+    what it needs at 32 clients, and every answer here is our own."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse, JSONResponse, Response
+    from starlette.routing import Route
 
     meters = server_meters()
     batcher = MicroBatcher(score, config["BATCH_SIZE"], config["MAX_WAIT_MS"] / 1000, config["MAX_QUEUE"],
                            config["REQUEST_TIMEOUT_S"], meters.batch_size.observe,
                            lambda reason, count: meters.dropped.labels(reason).inc(count))
     meters.queue.set_function(lambda: batcher.queued)
-    app = FastAPI(title="Sentiment", lifespan=lambda app: batcher)  # it batches while the app runs
-    app.state.batcher = batcher
-    json_errors(app)
 
     async def answer(request, field: str, encode):
         with batcher.arriving():
@@ -1123,44 +1131,51 @@ def build_app(score, names: list[str], config: dict, threshold: float | None = N
             np.zeros((0, len(names)))
         return found if isinstance(found, Response) else JSONResponse(encode(found, got[1]))
 
-    async def predict_route(request):  # plain Starlette routes: the request as it came, our own 4xx answers
-        return await answer(request, "texts", lambda found, _: {"predictions": [
-            {"label": names[i], "score": float(p[i]), "scores": dict(zip(names, map(float, p)))}
-            for p, i in zip(softmax(found), decide(softmax(found), threshold))]})
+    def predictions(found: np.ndarray, _) -> dict:
+        probabilities = softmax(found)
+        return {"predictions": [{"label": names[i], "score": float(p[i]), "scores": dict(zip(names, map(float, p)))}
+                                for p, i in zip(probabilities, decide(probabilities, threshold))]}
+
+    async def predict_route(request):  # the request as it came, our own 4xx answers
+        return await answer(request, "texts", predictions)
 
     async def inference_route(request):  # what huggingface_hub's InferenceClient.text_classification sends
         return await answer(request, "inputs", lambda found, options: hf_classification(found, names, options))
 
-    @app.get("/health")
-    async def health():
+    async def health(request):
         full = batcher.draining or batcher.queued >= config["MAX_QUEUE"]
         return JSONResponse({"status": "draining" if batcher.draining else "saturated" if full else "ok",
                              "runtime": config["RUNTIME"], "labels": names, "queued": batcher.queued,
                              "max_queue": config["MAX_QUEUE"]}, status_code=503 if full else 200)
 
-    @app.get("/metrics")
-    async def metrics():
+    async def metrics(request):
         return Response(generate_latest(meters.registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_route("/predict", predict_route, methods=["POST"])
-    app.add_route("/", inference_route, methods=["POST"])
-    app.add_route("/", lambda request: HTMLResponse(PAGE), methods=["GET"])  # the page to try the model
+    async def page(request):  # the page to try the model
+        return HTMLResponse(PAGE)
+
+    app = Starlette(routes=[Route("/predict", predict_route, methods=["POST"]),
+                            Route("/", inference_route, methods=["POST"]), Route("/", page, methods=["GET"]),
+                            Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"])],
+                    exception_handlers=json_errors(), lifespan=lambda app: batcher)  # it batches while the app runs
+    app.state.batcher = batcher
     return Guard(app, config["API_KEY"] or os.environ.get("SENTIMENT_API_KEY", ""), meters)
 
 
-def json_errors(app) -> None:
-    """Answer 404, 405 and errors of the model in the same {"error": "one line"} shape as the 4xx answers."""
-    from fastapi.responses import JSONResponse
+def json_errors() -> dict:
+    """Handlers that answer 404, 405 and errors of the model in the same {"error": "one line"} shape as the 4xx
+    answers."""
     from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse
 
-    @app.exception_handler(HTTPException)
     async def http_error(request, error: HTTPException):
         return JSONResponse({"error": str(error.detail)}, status_code=error.status_code, headers=error.headers)
 
-    @app.exception_handler(Exception)
     async def internal_error(request, error: Exception):
         log.error(f"error: {request.url.path}: {one_line(error)}")
         return JSONResponse({"error": f"internal error: {one_line(error)}"}, status_code=500)
+
+    return {HTTPException: http_error, Exception: internal_error}
 
 
 def server_meters():
@@ -1174,7 +1189,8 @@ def server_meters():
         "sentiment_requests", "HTTP requests answered, by route and status code", ["route", "code"],
         registry=registry), latency=Histogram("sentiment_request_seconds", "Time to answer a request, by route",
                                               ["route"], registry=registry),
-        batch_size=Histogram("sentiment_batch_size", "Texts per model batch", registry=registry,
+        batch_size=Histogram("sentiment_batch_size", "Texts per batch gathered (an export runs it in parts of "
+                             "similar length)", registry=registry,
                              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)),
         queue=Gauge("sentiment_queue_texts", "Texts waiting to be scored", registry=registry),
         dropped=Counter("sentiment_texts_dropped", "Texts not scored: gone (the client left), deadline, refused "

@@ -58,10 +58,11 @@ def test_int8_agrees_with_fp32(exported, imdb_folder, runtime):
 
 
 @pytest.mark.parametrize("runtime", ["onnx-int8", "openvino"])
-def test_an_int8_score_does_not_depend_on_the_batch(exported, imdb_folder, runtime):
+def test_an_int8_score_does_not_depend_on_the_batch(exported, imdb_folder, runtime, monkeypatch):
     pytest.importorskip(pst.EXPORTED[runtime][1])
     texts = list(pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*"))).text)[:48] + [LONG, "fun"]
     model, tokenizer = pst.load_exported(exported / "onnx", runtime)
+    monkeypatch.setattr(pst, "SHORTEST_IN_BATCH", 0.0)  # rows of any length side by side: padding beside each
     alone = np.concatenate([fts.logits(model, tokenizer, [text]) for text in texts])
     order = np.random.default_rng(0).permutation(len(texts))
     shuffled = np.empty_like(alone)
@@ -70,6 +71,29 @@ def test_an_int8_score_does_not_depend_on_the_batch(exported, imdb_folder, runti
     # own activation range) logits moved by 0.1-0.2 between such arrangements
     for batched in (fts.logits(model, tokenizer, texts, batch_size=50), shuffled):
         assert np.abs(pst.softmax(batched) - pst.softmax(alone)).max() <= INT8_BATCH_GAP
+
+
+def test_batches_hold_rows_of_similar_length():
+    lengths = [30, 5, 29, 12, 28, 27, 11, 26, 4, 6]
+    encoded = {"input_ids": [[7] * n for n in lengths], "attention_mask": [[1] * n for n in lengths]}
+    batches = list(pst.length_batches(encoded, 3, 0, shortest=0.9))
+    assert [[lengths[i] for i in chosen] for chosen, _ in batches] == [[30, 29, 28], [27, 26], [12, 11], [6], [5], [4]]
+    assert [batch["input_ids"].shape for _, batch in batches] == [(3, 30), (2, 27), (2, 12), (1, 6), (1, 5), (1, 4)]
+    assert [len(chosen) for chosen, _ in pst.length_batches(encoded, 4, 0)] == [4, 4, 2]  # shortest 0: any length
+
+
+def test_an_export_runs_a_batch_of_mixed_lengths_in_parts_of_similar_length(exported, imdb_folder):
+    """The server's batches hold texts of every length; padding them to the longest cost an export more than the
+    extra calls do (bench/README.md), so each call holds rows within SHORTEST_IN_BATCH of its longest."""
+    texts = list(pd.read_parquet(next(Path(imdb_folder).glob("plain_text/test-*"))).text)[:30] + [LONG, "fun"]
+    model, tokenizer = pst.load_exported(exported / "onnx", "onnx")
+    forward, lengths = model.session_forward, []
+    model.session_forward = lambda batch: (lengths.append(batch["attention_mask"].sum(1)), forward(batch))[1]
+    batched = fts.logits(model, tokenizer, texts, batch_size=32)
+    assert len(lengths) > 2 and sum(map(len, lengths)) == len(texts)
+    assert all(rows.min() >= pst.SHORTEST_IN_BATCH * rows.max() for rows in lengths)
+    alone = np.concatenate([fts.logits(model, tokenizer, [text]) for text in texts])
+    assert np.abs(batched - alone).max() <= INT8_BATCH_GAP  # fp32: the same logits in any company
 
 
 @pytest.mark.parametrize("runtime", ["onnx-int8", "openvino"])

@@ -19,7 +19,7 @@ from conftest import make_reviews
 from helpers import free_port, server_process
 
 httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
+pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 ROOT = Path(pst.__file__).parent
 LONG = "the movie was great " + "the plot and the acting " * 20 + "awful , the worst"  # longer than 32 tokens
