@@ -70,9 +70,10 @@ PREDICTIONS_FILE_TYPES = (".csv", ".jsonl", ".parquet")  # and writes these
 OUTPUT_TYPE = {".tsv": ".csv", ".txt": ".csv", ".json": ".jsonl"}  # in a folder, files of these types become these
 CHUNK_ROWS = 10_000  # --predict-file reads, scores and writes this many rows at a time
 MAX_WINDOWS = 16  # TRUNCATION=window: a review is read as at most this many windows, spread over it
-SHORTEST_IN_BATCH = 0.9  # an export's batch holds no row shorter than this share of its longest: the server's
-# batches of 8 texts of any length ran at 1.6x the rows/s cut so, on ONNX Runtime (bench/README.md); torch's calls
-# cost more than the padding they would save there, and its batches are cut by BATCH_SIZE alone
+SHORTEST_IN_BATCH = 0.9  # on ONNX Runtime a batch holds no row shorter than this share of its longest: the server's
+# batches of 8 texts of any length ran at 1.6x the rows/s cut so (bench/README.md). Torch's calls cost more than the
+# padding they would save, and OpenVINO kept a plan per new shape (peak RSS 670 -> 1,075 MiB, no faster): their
+# batches are cut by BATCH_SIZE alone
 CHARS_PER_TOKEN = 32  # reviews are cut to this many characters a token of MAX_LENGTH before tokenizing: generous
 DELIMITER = {".csv": ",", ".tsv": "\t"}
 log = logging.getLogger("sentiment")
@@ -152,8 +153,8 @@ def run_serve(config: dict) -> None:
 
     started = time.perf_counter()
     model, tokenizer, precision = load_for_inference(config, streams=True)  # an export: a batch on each stream
-    models = [SimpleNamespace(config=model.config, session_forward=forward) for forward in model.session_streams
-              ] if getattr(model, "session_streams", None) else [model]
+    models = [SimpleNamespace(config=model.config, session_forward=forward, engine=model.engine)
+              for forward in model.session_streams] if getattr(model, "session_streams", None) else [model]
     app = build_app([lambda texts, one=one: logits(one, tokenizer, texts, config["BATCH_SIZE"], precision)
                      for one in models], list(model.config.id2label.values()), config, threshold_of(tokenizer))
     if not is_loopback(config["HOST"]) and not app.key:
@@ -321,7 +322,7 @@ def onnx_model(saved: dict, tokenizer_json: str, weights: str | bytes, threads: 
 
     forwards = (openvino_forward if engine == "openvino" else onnxruntime_forward)(weights, threads, streams)
     model = SimpleNamespace(config=SimpleNamespace(id2label={int(i): n for i, n in saved["id2label"].items()}),
-                            session_forward=forwards[0],
+                            session_forward=forwards[0], engine=engine,
                             session_streams=forwards if len(forwards) > 1 else None)
     tokenizer = SimpleNamespace(backend_tokenizer=Tokenizer.from_str(tokenizer_json),
                                 model_max_length=saved["max_length"], model_input_names=saved["inputs"],
@@ -409,7 +410,7 @@ def logits(model, tokenizer, texts: list[str], batch_size: int = 32, precision: 
     forwards = getattr(model, "session_streams", None) or [
         model.session_forward if hasattr(model, "session_forward") else torch_forward(model, precision)]
     texts = list(texts)  # a datasets column, a pandas series
-    shortest = SHORTEST_IN_BATCH if hasattr(model, "session_forward") else 0.0  # an export's call costs little
+    shortest = SHORTEST_IN_BATCH if getattr(model, "engine", None) == "onnxruntime" else 0.0  # calls cost little
     found = np.zeros((len(texts), len(model.config.id2label)), dtype=np.float32)
     bar = progress_bar(total=len(texts), unit=" texts") if progress else None
     free, pending = queue.SimpleQueue(), collections.deque()  # the streams not running a batch; spans not summed
