@@ -52,14 +52,15 @@ def main() -> None:
                 pst.load_exported(onnx, "onnx-int8")[0].session_forward,
                 "openvino (static, the export)": pst.load_exported(onnx, "openvino")[0].session_forward,
                 "onnx int8, dynamic (before)": pst.onnxruntime_forward(str(dynamic), 0)[0]}
+    engine = {name: "openvino" if name.startswith("openvino") else "onnxruntime" for name in forwards}
     rates = {name: [] for name in forwards}
     for _ in range(args.repeats):
         for name, forward in forwards.items():
-            model.session_forward = forward
+            model.session_forward, model.engine = forward, engine[name]  # batches as logits() cuts them for it
             started = time.perf_counter()
             pst.logits(model, tokenizer, texts, 64)
             rates[name].append(len(texts) / (time.perf_counter() - started))
-    flops = matmul_ops(onnx, tokenizer, texts, 64)
+    flops = {kind: matmul_ops(onnx, tokenizer, texts, 64, kind) for kind in set(engine.values())}
     peaks = {"fp32": peak_fp32(), "int8": peak_int8()}
     print(f"CPU: {cpu_flags()}\n{len(texts):,} sentences, batches of 64, {args.repeats} alternating repeats; "
           f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, int8 {peaks['int8']:.0f} GOP/s\n"
@@ -67,14 +68,14 @@ def main() -> None:
           f"max gap, flips | alone vs shuffled 16s: max gap, flips |\n|---|---|---|---|---|---|---|---|")
     reference = None
     for name, forward in forwards.items():
-        model.session_forward = forward
+        model.session_forward, model.engine = forward, engine[name]
         found = pst.softmax(pst.logits(model, tokenizer, texts, 64))
         reference = found if reference is None else reference
         alone = pst.softmax(np.concatenate([forward(pst.pad(pst.encode(tokenizer, [t]), tokenizer.pad_token_id))
                                             for t in texts[:args.alone]]))
         shuffled = shuffled_batches(model, tokenizer, texts[:args.alone], 16)
         rate = statistics.median(rates[name])
-        ops = flops * rate / len(texts) / 1e9
+        ops = flops[engine[name]] * rate / len(texts) / 1e9
         peak = peaks["fp32" if "fp32" in name else "int8"]
         gaps = [f"{np.abs(alone - p[:args.alone]).max():.4f}, "
                 f"{int((alone.argmax(-1) != p[:args.alone].argmax(-1)).sum())}" for p in (found, shuffled)]
@@ -95,18 +96,19 @@ def shuffled_batches(model, tokenizer, texts: list[str], size: int) -> np.ndarra
     return found
 
 
-def matmul_ops(onnx: Path, tokenizer, texts: list[str], batch_size: int) -> float:
-    """Multiply-adds x2 of the model's MatMuls over texts as logits() batches them (tokens run, padding included)."""
+def matmul_ops(onnx: Path, tokenizer, texts: list[str], batch_size: int, engine: str) -> float:
+    """Multiply-adds x2 of the model's MatMuls over texts as logits() batches them on engine (tokens run, padding
+    included)."""
     import json
 
     config = json.loads((ROOT / "bench/runs/inference/merged/config.json").read_text())
     width, inner, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    lengths = sorted((len(ids) for ids in pst.encode(tokenizer, texts)["input_ids"]), reverse=True)
+    shortest = pst.SHORTEST_IN_BATCH if engine == "onnxruntime" else 0.0
     total = 0.0
-    for start in range(0, len(lengths), 16 * batch_size):  # logits()' spans, each sorted, then batched
-        span = lengths[start:start + 16 * batch_size]
-        for first in range(0, len(span), batch_size):
-            rows, tokens = len(span[first:first + batch_size]), span[first]
+    for start in range(0, len(texts), 16 * batch_size):  # logits()' spans, each sorted, then batched
+        encoded = pst.encode(tokenizer, texts[start:start + 16 * batch_size])
+        for _, batch in pst.length_batches(encoded, batch_size, tokenizer.pad_token_id, shortest):
+            rows, tokens = batch["input_ids"].shape
             total += 2 * layers * rows * tokens * (4 * width * width + 2 * width * inner + 2 * tokens * width)
     return total
 
