@@ -153,7 +153,7 @@ def run_serve(config: dict) -> None:
 
     started = time.perf_counter()
     model, tokenizer, precision = load_for_inference(config, streams=True)  # an export: a batch on each stream
-    models = [SimpleNamespace(config=model.config, session_forward=forward, engine=model.engine)
+    models = [SimpleNamespace(**{**vars(model), "session_forward": forward, "session_streams": None})
               for forward in model.session_streams] if getattr(model, "session_streams", None) else [model]
     app = build_app([lambda texts, one=one: logits(one, tokenizer, texts, config["BATCH_SIZE"], precision)
                      for one in models], list(model.config.id2label.values()), config, threshold_of(tokenizer))
@@ -409,8 +409,7 @@ def logits(model, tokenizer, texts: list[str], batch_size: int = 32, precision: 
     model with several streams runs a span's batches side by side while the next span is tokenized."""
     forwards = getattr(model, "session_streams", None) or [
         model.session_forward if hasattr(model, "session_forward") else torch_forward(model, precision)]
-    texts = list(texts)  # a datasets column, a pandas series
-    shortest = SHORTEST_IN_BATCH if getattr(model, "engine", None) == "onnxruntime" else 0.0  # calls cost little
+    texts, shortest = list(texts), shortest_in_batch(getattr(model, "engine", None))  # texts: a column, a series
     found = np.zeros((len(texts), len(model.config.id2label)), dtype=np.float32)
     bar = progress_bar(total=len(texts), unit=" texts") if progress else None
     free, pending = queue.SimpleQueue(), collections.deque()  # the streams not running a batch; spans not summed
@@ -452,6 +451,12 @@ def logits(model, tokenizer, texts: list[str], batch_size: int = 32, precision: 
     if bar is not None:
         bar.close()
     return found
+
+
+def shortest_in_batch(engine: str | None) -> float:
+    """The share of its batch's longest row every row must reach on engine: SHORTEST_IN_BATCH on ONNX Runtime, whose
+    calls cost little; 0 (any length) for torch (None) and OpenVINO."""
+    return SHORTEST_IN_BATCH if engine == "onnxruntime" else 0.0
 
 
 def length_batches(encoded: dict, batch_size: int, pad_id: int, shortest: float = 0.0):
@@ -1132,13 +1137,8 @@ def build_app(score, names: list[str], config: dict, threshold: float | None = N
             np.zeros((0, len(names)))
         return found if isinstance(found, Response) else JSONResponse(encode(found, got[1]))
 
-    def predictions(found: np.ndarray, _) -> dict:
-        probabilities = softmax(found)
-        return {"predictions": [{"label": names[i], "score": float(p[i]), "scores": dict(zip(names, map(float, p)))}
-                                for p, i in zip(probabilities, decide(probabilities, threshold))]}
-
     async def predict_route(request):  # the request as it came, our own 4xx answers
-        return await answer(request, "texts", predictions)
+        return await answer(request, "texts", lambda found, _: predictions(found, names, threshold))
 
     async def inference_route(request):  # what huggingface_hub's InferenceClient.text_classification sends
         return await answer(request, "inputs", lambda found, options: hf_classification(found, names, options))
@@ -1313,6 +1313,13 @@ def option_problem(options) -> str | None:
     if function not in (None, "softmax", "sigmoid", "none"):
         return '"parameters.function_to_apply" must be softmax, sigmoid or none'
     return None
+
+
+def predictions(found: np.ndarray, names: list[str], threshold: float | None) -> dict:
+    """Logits as /predict answers them: each text's label (by the threshold), its probability, and every class's."""
+    probabilities = softmax(found)
+    return {"predictions": [{"label": names[i], "score": float(p[i]), "scores": dict(zip(names, map(float, p)))}
+                            for p, i in zip(probabilities, decide(probabilities, threshold))]}
 
 
 def hf_classification(found: np.ndarray, names: list[str], options: dict) -> list[list[dict]]:

@@ -103,11 +103,11 @@ def matmul_ops(onnx: Path, tokenizer, texts: list[str], batch_size: int, engine:
 
     config = json.loads((ROOT / "bench/runs/inference/merged/config.json").read_text())
     width, inner, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
-    shortest = pst.SHORTEST_IN_BATCH if engine == "onnxruntime" else 0.0
     total = 0.0
     for start in range(0, len(texts), 16 * batch_size):  # logits()' spans, each sorted, then batched
         encoded = pst.encode(tokenizer, texts[start:start + 16 * batch_size])
-        for _, batch in pst.length_batches(encoded, batch_size, tokenizer.pad_token_id, shortest):
+        for _, batch in pst.length_batches(encoded, batch_size, tokenizer.pad_token_id,
+                                              pst.shortest_in_batch(engine)):
             rows, tokens = batch["input_ids"].shape
             total += 2 * layers * rows * tokens * (4 * width * width + 2 * width * inner + 2 * tokens * width)
     return total
