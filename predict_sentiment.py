@@ -1117,7 +1117,7 @@ def build_app(score, names: list[str], config: dict, threshold: float | None = N
     logits (or a list of such functions, one per stream: see MicroBatcher), batched across concurrent requests by a
     MicroBatcher; /predict labels with the saved threshold; GET / is a page to try the model; GET /health answers
     during a long batch and says when the queue is full; GET /metrics is Prometheus'. Guard checks the key and
-    content type, and counts. Plain Starlette: FastAPI's layers took about 6% of the rows/s at 32 clients, on an
+    content type, and counts. Plain Starlette: FastAPI's layers took 3-8% of the rows/s at 32 clients, on an
     event loop that shares the cores with the model, and every answer here is our own."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.applications import Starlette
