@@ -400,7 +400,7 @@ Trained by `fine_tune_sentiment.py` on {date}: a LoRA adapter plus a fully train
 - **Labels:** {labels}
 - **Data:** `{dataset}`, {train_samples:,} training and {eval_samples:,} evaluation rows; reviews longer than \
 {max_length} tokens cut as `{truncation}`
-- **LoRA:** r={r}, alpha={alpha}, dropout={dropout}, targets {targets}; {trainable:,} of {total:,} parameters trained
+- **LoRA:** r={r}, alpha={alpha}, dropout={dropout}, targets {targets}{layers}; {trainable:,} of {total:,} parameters trained
 - **Training:** {epochs} epoch(s), batch size {batch_size} x {processes} process(es), learning rate {learning_rate}, \
 precision {precision}, on {device}
 - **Probabilities:** {confidence}
@@ -452,7 +452,8 @@ def write_card(folder: Path, where: Path, metrics: dict, library: str) -> None:
         labels=", ".join(f"{i} = {name}" for i, name in enumerate(names)), train_samples=metrics["train_samples"],
         eval_samples=metrics["eval_samples"], max_length=config["MAX_LENGTH"], truncation=config["TRUNCATION"],
         r=config["LORA_R"], alpha=config["LORA_ALPHA"], dropout=config["LORA_DROPOUT"],
-        targets=metrics["lora_targets"], trainable=metrics["trainable_params"], total=metrics["total_params"],
+        targets=metrics["lora_targets"], layers=f" in the encoder's last {config['LORA_LAYERS']} layers" if config.get(
+            "LORA_LAYERS") else "", trainable=metrics["trainable_params"], total=metrics["total_params"],
         epochs=config["EPOCHS"], batch_size=config["BATCH_SIZE"], processes=metrics["world_size"],
         learning_rate=config["LEARNING_RATE"], precision=metrics["precision"], device=metrics["device"],
         confidence=found if isinstance(found, str) else (  # metrics.json: "off", "skipped: ...", or the report

@@ -76,6 +76,7 @@ LORA_ALPHA: int = 16  # update scale is alpha / r; 2 * r is the usual choice
 LORA_DROPOUT: float = 0.1  # dropout on LoRA's input; 0 trains a little faster (bench/README.md has both)
 TARGET_MODULES: list[str] | None = None  # None = q_lin v_lin (DistilBERT) or query value (BERT); or all-linear
 LORA_VARIANT: str = "lora"  # lora; rslora (scale alpha / sqrt(r)); dora (weight-decomposed, slower per step)
+LORA_LAYERS: int = 0  # LoRA in the encoder's last this many layers only (0 = all): backward stops below them
 # speed
 FAST_STEP: bool = True  # fast_lora.py's cheaper dropout and fused fp32 LoRA layers; off: peft's own step, same model
 RUNTIME: str = "torch"  # what --eval-only runs on: torch; onnx, onnx-int8 or openvino (the --export-onnx model)
@@ -287,16 +288,18 @@ def load_model(config: dict, model_name: str, names: list[str]):
     """The LoRA-wrapped model that config describes, for the classes names."""
     try:
         return build_model(model_name, config["TARGET_MODULES"], config["LORA_R"], config["LORA_ALPHA"],
-                           config["LORA_DROPOUT"], names, config["LORA_VARIANT"], config["FAST_STEP"])
+                           config["LORA_DROPOUT"], names, config["LORA_VARIANT"], config["FAST_STEP"],
+                           config["LORA_LAYERS"])
     except OSError as error:  # not found, offline and not cached, or no safetensors weights
         raise InputError(f"could not load model {config['MODEL_NAME']!r}: {one_line(error)}") from error
 
 
 def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, lora_alpha: int,
                 lora_dropout: float, names: list[str] = tuple(ID2LABEL.values()), variant: str = "lora",
-                fast_step: bool = True):
+                fast_step: bool = True, top_layers: int = 0):
     """Load the pretrained encoder with a head for the classes and wrap it in LoRA; the head trains fully.
-    fast_step: train with fast_lora.py's step (the same model, cheaper on a CPU)."""
+    fast_step: train with fast_lora.py's step (the same model, cheaper on a CPU). top_layers: LoRA on the encoder's
+    last this many layers only (0: all), so that backward stops below them."""
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -314,10 +317,15 @@ def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, 
     if targets is None:
         raise InputError(f"no default LoRA targets for model type {model_type!r}; pass --target-modules "
                          f"NAME [NAME ...] or --target-modules all-linear")
+    layers = top_layer_indices(model.config, top_layers)
+    if targets == ["all-linear"] and layers:  # peft takes layers_to_transform with named targets only
+        targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if type(module).__name__ == "Linear" and re.search(r"\.\d+\.", name)})
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                       target_modules=targets[0] if targets == ["all-linear"] else targets,
                       modules_to_save=HEAD_MODULES.get(model_type, ["classifier", "score"]),
-                      use_rslora=variant == "rslora", use_dora=variant == "dora")
+                      use_rslora=variant == "rslora", use_dora=variant == "dora",
+                      layers_to_transform=layers)
     try:
         model = get_peft_model(model, lora)
     except ValueError as error:  # peft's "target modules not found"
@@ -329,6 +337,12 @@ def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, 
     trainable, total = model.get_nb_trainable_parameters()
     log.info(f"trainable params: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     return model
+
+
+def top_layer_indices(config, top_layers: int) -> list[int] | None:
+    """The indices of the encoder's last top_layers layers, or None (every layer) for 0 or at least all of them."""
+    count = config.num_hidden_layers
+    return list(range(count - top_layers, count)) if 0 < top_layers < count else None
 
 
 # 4. Train --------------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench.run import cpu_flags, ensure_packages  # noqa: E402
 
-VARIANTS = {  # name: (LoRA targets or None for full fine-tuning, lora_dropout, the step as torch and peft run it)
+VARIANTS = {  # name: (LoRA targets or None for full fine-tuning, lora_dropout, the step as torch and peft run it,
+    # LoRA on the top this many layers only; 0: all)
     "full fine-tuning": (None, 0.0, True),
     "full fine-tuning, cheap dropout": (None, 0.0, False),
     "query value, dropout 0.1, peft's": (["query", "value"], 0.1, True),
@@ -38,6 +39,8 @@ VARIANTS = {  # name: (LoRA targets or None for full fine-tuning, lora_dropout, 
     "all-linear, dropout 0.1": (["all-linear"], 0.1, False),
     "all-linear, dropout 0, peft's": (["all-linear"], 0.0, True),
     "all-linear, dropout 0": (["all-linear"], 0.0, False),
+    "all-linear top 3, dropout 0.1": (["all-linear"], 0.1, False, 3),
+    "all-linear top 4, dropout 0.1": (["all-linear"], 0.1, False, 4),
 }
 BATCH, TOKENS = 32, 40
 BEFORE = " (before)"  # a variant run with --before's checkout
@@ -50,7 +53,7 @@ def step_times(name: str, precision: str, steps: int, profile: bool = False, tok
     import fine_tune_sentiment as fts
 
     model_dir, _ = ensure_packages()
-    targets, dropout, torch_dropout = VARIANTS[name]
+    targets, dropout, torch_dropout, top_layers = (*VARIANTS[name], 0)[:4]
     torch.manual_seed(0)
     if targets is None:
         from transformers import AutoModelForSequenceClassification
@@ -61,7 +64,8 @@ def step_times(name: str, precision: str, steps: int, profile: bool = False, tok
 
             fast_lora.apply(model)  # no LoRA layers: the cheap dropout alone
     else:  # torch_dropout: as torch and peft run it (FAST_STEP off)
-        model = fts.build_model(str(model_dir), targets, 8, 16, dropout, fast_step=not torch_dropout)
+        model = fts.build_model(str(model_dir), targets, 8, 16, dropout, fast_step=not torch_dropout,
+                                **({"top_layers": top_layers} if top_layers else {}))
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01,
                                   fused=True)  # the Trainer's default (adamw_torch_fused); foreach took full

@@ -203,6 +203,39 @@ def test_attention_dropout_is_drawn_cheaply_keeps_padding_out_and_averages_to_sd
                        sdpa_attention_forward(attention, q[:2], k[:2], v[:2], mask, dropout=0.0, scaling=0.5)[0])
 
 
+def test_lora_layers_puts_lora_in_the_last_layers_only_and_backward_stops_below_them(tiny_model, tmp_path):
+    """LORA_LAYERS=1 on the 2-layer model: LoRA in the last block only, no autograd graph through the first (the
+    step's saving), only that block's LoRA weights and the head get gradients, and the adapter reloads so."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    ids = torch.randint(5, 30, (8, 12))
+    model = fts.build_model(tiny_model, ["all-linear"], 8, 16, 0.0, top_layers=1).train()
+    lora = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and m.lora_A]
+    assert len(lora) == 6 and all(".layer.1." in n for n in lora), lora  # the last block's 6 linears
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=0.5)  # B starts at 0: make the path count
+    outputs = {}
+    for i, block in enumerate(model.base_model.model.distilbert.transformer.layer):
+        block.register_forward_hook(lambda _, args, out, i=i: outputs.update({i: out[0] if isinstance(out, tuple)
+                                                                              else out}))
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.arange(8) % 2)
+    assert outputs[0].grad_fn is None and outputs[1].grad_fn is not None  # backward ends at the last block
+    out.loss.backward()
+    graded = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert graded == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".layer.1." in n for n in graded) and all(".layer.1." in n or "classifier" in n for n in graded)
+    model.eval().save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path)
+    again, _ = fts.load_adapter(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, model(input_ids=ids).logits)
+    for top in (0, 2, 5):  # 0, or as many layers as the model has or more: every layer
+        every = fts.build_model(tiny_model, ["q_lin", "v_lin"], 8, 16, 0.0, top_layers=top)
+        assert len([m for m in every.modules() if hasattr(m, "lora_A") and m.lora_A]) == 4, top
+
+
 def test_a_changed_peft_hook_warns_once_and_trains_with_peft_s_step(run_args, tiny_model, monkeypatch, caplog):
     import fast_lora
     from peft.tuners.lora.layer import LoraVariant
