@@ -341,8 +341,12 @@ def build_model(model_name: str, target_modules: list[str] | None, lora_r: int, 
 
 def top_layer_indices(config, top_layers: int) -> list[int] | None:
     """The indices of the encoder's last top_layers layers, or None (every layer) for 0 or at least all of them."""
-    count = config.num_hidden_layers
-    return list(range(count - top_layers, count)) if 0 < top_layers < count else None
+    if not top_layers:
+        return None
+    count = getattr(config, "num_hidden_layers", None)
+    if not isinstance(count, int):
+        raise InputError(f"LORA_LAYERS needs a model config with num_hidden_layers; {config.model_type!r} has none")
+    return list(range(count - top_layers, count)) if top_layers < count else None
 
 
 # 4. Train --------------------------------------------------------------------------------------------------------

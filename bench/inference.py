@@ -28,7 +28,8 @@ RUNTIMES = {"torch fp32": ["--precision", "fp32"], "torch auto": ["--precision",
             "onnx": ["--runtime", "onnx"], "onnx-int8": ["--runtime", "onnx-int8"],
             "openvino": ["--runtime", "openvino"]}
 TRAIN = ["--train-samples", "0", "--eval-samples", "0", "--max-length", "128", "--batch-size", "32",
-         "--target-modules", "all-linear", "--learning-rate", "1e-3", "--epochs", "2", "--merge"]  # the README's
+         "--target-modules", "all-linear", "--lora-layers", "4", "--lora-dropout", "0", "--learning-rate", "1e-3",
+         "--epochs", "2", "--merge"]  # the README's
 # "Try it without internet" command
 
 

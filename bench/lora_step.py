@@ -41,6 +41,7 @@ VARIANTS = {  # name: (LoRA targets or None for full fine-tuning, lora_dropout, 
     "all-linear, dropout 0": (["all-linear"], 0.0, False),
     "all-linear top 3, dropout 0.1": (["all-linear"], 0.1, False, 3),
     "all-linear top 4, dropout 0.1": (["all-linear"], 0.1, False, 4),
+    "all-linear top 4, dropout 0": (["all-linear"], 0.0, False, 4),
 }
 BATCH, TOKENS = 32, 40
 BEFORE = " (before)"  # a variant run with --before's checkout

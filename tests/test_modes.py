@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
+import evaluation
 import fine_tune_sentiment as fts
 import predict_sentiment as pst
 import conftest
@@ -130,7 +131,7 @@ def test_predict_file_errors(trained, tmp_path, capsys):
     assert "folder of --predictions" in message and "does not exist" in message
 
 
-def test_model_card(trained):
+def test_model_card(trained, tmp_path):
     metrics = trained["metrics"]
     for folder, library in (("adapter", "peft"), ("merged", "transformers")):
         text = (trained["out"] / folder / "README.md").read_text()
@@ -143,6 +144,10 @@ def test_model_card(trained):
         assert "[More Information Needed]" not in text and "0 = NEGATIVE, 1 = POSITIVE" in text
         assert f"r={metrics['config']['LORA_R']}, alpha=" in text and metrics["date"] in text
         assert f"| accuracy | {metrics['eval_accuracy']:.4f} |" in text
+        assert "layers;" not in text  # LORA_LAYERS 0: every layer
+    layered = metrics | {"config": metrics["config"] | {"LORA_LAYERS": 4}}
+    evaluation.write_card(tmp_path, trained["out"] / "adapter", layered, "peft")
+    assert " in the encoder's last 4 layers;" in (tmp_path / "README.md").read_text()
 
 
 def test_early_stopping_ends_before_the_last_epoch(run_args, tmp_path):

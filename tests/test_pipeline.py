@@ -5,6 +5,7 @@ import re
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,8 @@ def test_lora_layers_puts_lora_in_the_last_layers_only_and_backward_stops_below_
     for top in (0, 2, 5):  # 0, or as many layers as the model has or more: every layer
         every = fts.build_model(tiny_model, ["q_lin", "v_lin"], 8, 16, 0.0, top_layers=top)
         assert len([m for m in every.modules() if hasattr(m, "lora_A") and m.lora_A]) == 4, top
+    with pytest.raises(fts.InputError, match="LORA_LAYERS needs a model config with num_hidden_layers"):
+        fts.top_layer_indices(types.SimpleNamespace(model_type="odd"), 2)
 
 
 def test_a_changed_peft_hook_warns_once_and_trains_with_peft_s_step(run_args, tiny_model, monkeypatch, caplog):
