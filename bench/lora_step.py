@@ -66,7 +66,7 @@ def step_times(name: str, precision: str, steps: int, profile: bool = False, tok
             fast_lora.apply(model)  # no LoRA layers: the cheap dropout alone
     else:  # torch_dropout: as torch and peft run it (FAST_STEP off)
         model = fts.build_model(str(model_dir), targets, 8, 16, dropout, fast_step=not torch_dropout,
-                                **({"top_layers": top_layers} if top_layers else {}))
+                                top_layers=top_layers)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01,
                                   fused=True)  # the Trainer's default (adamw_torch_fused); foreach took full
